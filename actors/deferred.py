@@ -1,0 +1,45 @@
+"""Replies that come later than ``on_receive`` returns.
+
+pykka answers an ``ask`` with whatever ``on_receive`` returns. A stop cannot
+answer then: it must first hear from its children and from the writer. So
+an actor returns a ``concurrent.futures.Future`` instead, and the reply
+future that pykka created for the ask (our ``_ReplyFuture``) settles when
+that future does. The actor's thread never blocks waiting for it.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+from typing import Any
+
+import pykka
+
+
+class _ReplyFuture(pykka.ThreadingFuture):
+    def set(self, value: Any | None = None) -> None:
+        if isinstance(value, concurrent.futures.Future):
+            value.add_done_callback(self._settle)
+            return
+        super().set(value)
+
+    def _settle(self, done: concurrent.futures.Future) -> None:
+        error = done.exception()
+        if error is not None:
+            super().set_exception((type(error), error, error.__traceback__))
+        else:
+            super().set(done.result())
+
+
+class DeferredReplyActor(pykka.ThreadingActor):
+    """A ThreadingActor whose ``on_receive`` may return a future to reply later."""
+
+    use_daemon_thread = True
+
+    @staticmethod
+    def _create_future() -> pykka.Future[Any]:
+        return _ReplyFuture()
+
+
+def resolved(value: Any) -> concurrent.futures.Future:
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    future.set_result(value)
+    return future

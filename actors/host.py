@@ -1,0 +1,88 @@
+"""What every execution actor of one runtime shares.
+
+The ``Host`` bundles the store, the timers, the worker pool, the loaded
+graphs and blocks, and the registry of live actors. It is the runtime's
+inside; ``Runtime`` (runtime.py) is its outside.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import threading
+from typing import Any, Callable
+
+import pykka
+
+from actors.blocks import BlockSpec
+from actors.graphs import Graph
+from actors.logs import Identity
+from actors.timers import Timers
+from persistence import ExecutionStatus, Store
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Ended:
+    """What a finished execution tells the runtime (after its final commit)."""
+
+    identity: Identity
+    status: ExecutionStatus
+    outputs: dict[str, Any] | None
+    error: str | None
+    stop_reason: str | None
+
+
+class LiveActors:
+    """Execution id -> ActorRef for every execution hosted here and not yet ended."""
+
+    def __init__(self) -> None:
+        self._refs: dict[str, pykka.ActorRef] = {}
+        self._identities: dict[str, Identity] = {}
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+
+    def add(self, identity: Identity, ref: pykka.ActorRef) -> None:
+        with self._lock:
+            self._refs[identity.execution_id] = ref
+            self._identities[identity.execution_id] = identity
+
+    def remove(self, execution_id: str) -> None:
+        with self._changed:
+            self._refs.pop(execution_id, None)
+            self._identities.pop(execution_id, None)
+            self._changed.notify_all()
+
+    def get(self, execution_id: str) -> pykka.ActorRef | None:
+        with self._lock:
+            return self._refs.get(execution_id)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._refs)
+
+    def tops(self) -> list[tuple[Identity, pykka.ActorRef]]:
+        """Live executions whose parent is not live here: where a cascade must start."""
+        with self._lock:
+            return [(identity, self._refs[i]) for i, identity in self._identities.items()
+                    if identity.parent_id not in self._refs]
+
+    def wait_empty(self, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._refs, timeout)
+
+    def wait_gone(self, execution_id: str, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: execution_id not in self._refs, timeout)
+
+
+@dataclasses.dataclass(kw_only=True)
+class Host:
+    store: Store
+    runtime_id: str
+    timers: Timers
+    pool: concurrent.futures.ThreadPoolExecutor
+    blocks: dict[str, BlockSpec]
+    graphs: dict[str, Graph]
+    max_depth: int
+    failure_timeout: float
+    live: LiveActors
+    on_ended: Callable[[Ended], None]

@@ -1,0 +1,105 @@
+"""Stops that cross processes, and executions whose runtime is gone.
+
+A stop for an execution this process does not host is persisted as a stop
+request; the hosting runtime's ``StopWatcher`` sees it (PostgreSQL NOTIFY at
+once, else within one poll interval) and runs the ordinary cascade. The
+stopping side waits until the subtree is terminal in the database. If the
+host is gone, the stopping side ends the rows itself (recovery), and since
+the request was persisted first, they end TERMINATED.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from actors.errors import StopTimeout
+from actors.messages import Stop, StopAck
+from persistence import (
+    ExecutionRecord,
+    ExecutionStatus,
+    Heartbeat,
+    RequestStop,
+    Store,
+    TerminateSubtree,
+    is_gone,
+    utcnow,
+)
+
+logger = logging.getLogger(__name__)
+
+POLL_INTERVAL = 0.1   # the watcher's poll: a remote stop is seen within 200 ms
+HEARTBEAT_EVERY = 2.0
+WAIT_INTERVAL = 0.05  # how often a remote stopper looks at the database
+GRACE = 5.0           # beyond wait_timeout, for the host's final commits
+
+
+def stop_elsewhere(store: Store, record: ExecutionRecord, stop: Stop) -> StopAck:
+    """Stop an execution hosted by another process (or by none) and wait for the database."""
+    execution_id = record.id
+    scope = store.subtree(execution_id) if stop.cascade else store.subtree(execution_id)[:1]
+    active = [row["id"] for row in scope if not ExecutionStatus(row["status"]).is_terminal]
+    already_final = tuple(row["id"] for row in scope if ExecutionStatus(row["status"]).is_terminal)
+    if not active:
+        return StopAck(execution_id=execution_id, already_final=already_final)
+    # Persist first: whoever ends these rows from now on (the host, or a
+    # recovery after the host died) ends them TERMINATED.
+    store.write(RequestStop(execution_id=execution_id, reason=stop.reason, cascade=stop.cascade, at=utcnow()))
+    deadline = time.monotonic() + stop.wait_timeout + GRACE
+    while store.count_active(active):
+        host = store.runtime_of(execution_id)
+        if host is None or is_gone(host["host"], host["pid"], host["heartbeat_at"], utcnow()):
+            _end_without_host(store, execution_id, stop)
+            continue
+        if time.monotonic() >= deadline:
+            raise StopTimeout(
+                f"execution {execution_id} is not terminal {stop.wait_timeout + GRACE:.0f}s after the stop "
+                f"request; its runtime {host['id']} (host {host['host']}, pid {host['pid']}) does not answer")
+        time.sleep(WAIT_INTERVAL)
+    rows = {row["id"]: row for row in store.subtree(execution_id)}
+    terminated = tuple(i for i in active if rows.get(i, {}).get("status") == ExecutionStatus.TERMINATED.value)
+    forced = tuple(i for i in terminated if rows[i]["stop_forced"])
+    return StopAck(execution_id=execution_id, terminated=terminated,
+                   already_final=already_final, forced=forced)
+
+
+def _end_without_host(store: Store, execution_id: str, stop: Stop) -> None:
+    """The hosting runtime is gone: recover its rows (ours end TERMINATED: a stop is on record)."""
+    if store.recover_lost():
+        return
+    # Rows with no registered runtime at all (never hosted): end them here.
+    store.write(TerminateSubtree(execution_id=execution_id, reason=stop.reason, at=utcnow(), forced=False,
+                                 include_root=True))
+
+
+class StopWatcher:
+    """Polls (or LISTENs) for stop requests aimed at this runtime, and keeps its heartbeat."""
+
+    def __init__(self, store: Store, runtime_id: str,
+                 on_request: Callable[[str, str, bool, str], None]) -> None:
+        self._store = store
+        self._runtime_id = runtime_id
+        self._on_request = on_request
+        self._notices = store.stop_notices()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="actorgraph-watcher", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._notices.close()
+        self._thread.join(10)
+
+    def _loop(self) -> None:
+        next_heartbeat = 0.0
+        while not self._closed.is_set():
+            try:
+                if time.monotonic() >= next_heartbeat:
+                    self._store.submit(Heartbeat(runtime_id=self._runtime_id, at=utcnow()))
+                    next_heartbeat = time.monotonic() + HEARTBEAT_EVERY
+                for execution_id, user_id, cascade, reason in self._store.pending_stops(self._runtime_id):
+                    self._on_request(execution_id, user_id, cascade, reason)
+            except Exception:  # noqa: BLE001 - keep watching; the next poll may succeed
+                logger.exception("stop watcher poll failed (runtime %s)", self._runtime_id)
+            self._notices.wait(POLL_INTERVAL)

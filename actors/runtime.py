@@ -1,0 +1,342 @@
+"""The Runtime: what a Python program holds to start, watch and stop executions."""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Callable, Mapping
+
+import pykka
+
+from actors.admission import Admission, QueuedRoot
+from actors.blocks import BUILTIN_BLOCKS, user_block
+from actors.errors import InvalidGraph, InvalidInput
+from actors.execution import PERSIST_TIMEOUT, ExecutionActor
+from actors.graphs import parse_graphs, read_graphs
+from actors.host import Ended, Host, LiveActors
+from actors.logs import Identity
+from actors.messages import Begin, Stop, StopAck
+from actors.reader import Reader
+from actors.remote import StopWatcher, stop_elsewhere
+from actors.timers import Timers
+from persistence import (
+    ExecutionRecord,
+    ExecutionStatus,
+    InsertExecution,
+    MoveExecutions,
+    NotFound,
+    PermissionDenied,
+    RegisterRuntime,
+    Store,
+    UnregisterRuntime,
+    dumps,
+    utcnow,
+)
+
+logger = logging.getLogger(__name__)
+
+WAIT_POLL = 0.05  # how often wait() re-reads an execution hosted elsewhere
+
+
+class Runtime:
+    """Hosts graph executions as pykka actors on one database.
+
+    Args:
+        database: a URL (``sqlite:///file.db``, ``postgresql://user@host:port/db``);
+            default: env ACTORGRAPH_DATABASE, else ``sqlite:///actorgraph.db``.
+        max_running_per_user: running root executions per user; more wait QUEUED.
+        max_running_per_graph: running roots per (user, graph) pair.
+        max_depth: deepest level a child may run at (a root is at depth 0).
+        block_workers: threads for user blocks (built-in blocks use none).
+        failure_timeout: how long a failing execution waits for its running
+            work to end before terminating it anyway.
+
+    Raises:
+        DatabaseError: the database cannot be opened or migrated.
+    """
+
+    def __init__(self, database: str | None = None, *, max_running_per_user: int | None = None,
+                 max_running_per_graph: int | None = None, max_depth: int = 32,
+                 block_workers: int = 32, failure_timeout: float = 15.0) -> None:
+        if not isinstance(max_depth, int) or isinstance(max_depth, bool) or max_depth < 0:
+            raise InvalidInput(f"max_depth must be a non-negative integer, not {max_depth!r}")
+        self._admission = Admission(max_running_per_user, max_running_per_graph)
+        self._store = Store.open(database)
+        self._reader = Reader(self._store)
+        self.runtime_id = str(uuid.uuid4())
+        self._closed = False
+        self._close_lock = threading.Lock()
+        # Executions of runtimes that died are ended before we take the database.
+        self._store.recover_lost()
+        self._store.write(RegisterRuntime(id=self.runtime_id, host=socket.gethostname(),
+                                          pid=os.getpid(), at=utcnow()))
+        self._host = Host(
+            store=self._store, runtime_id=self.runtime_id, timers=Timers(),
+            pool=concurrent.futures.ThreadPoolExecutor(block_workers, thread_name_prefix="actorgraph-block"),
+            blocks=dict(BUILTIN_BLOCKS), graphs={}, max_depth=max_depth,
+            failure_timeout=failure_timeout, live=LiveActors(), on_ended=self._on_ended)
+        self._watched: set[str] = set()
+        self._watcher = StopWatcher(self._store, self.runtime_id, self._on_stop_request)
+        logger.info("runtime %s opened %s", self.runtime_id, self._store.url)
+
+    # -- context manager ------------------------------------------------------
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- graphs and blocks --------------------------------------------------------
+
+    def load(self, source: str | os.PathLike | Mapping[str, Any]) -> list[str]:
+        """Validate and add the graphs of a JSON file (or dict); return their ids.
+
+        Nothing is added unless every graph is valid. Raises InvalidGraph.
+        """
+        graphs = parse_graphs(read_graphs(source), self._host.blocks, frozenset(self._host.graphs))
+        self._host.graphs.update(graphs)
+        return list(graphs)
+
+    def register_block(self, name: str, fn: Callable[..., Mapping[str, Any]],
+                       inputs: Any = None, outputs: Any = None) -> None:
+        """Add a block: ``fn(ctx, **inputs) -> dict`` runs on the worker pool.
+
+        Declared ``inputs``/``outputs`` let links to the block be validated.
+        """
+        spec = user_block(name, fn, inputs, outputs)
+        if name in self._host.blocks:
+            raise InvalidGraph(f"block {name!r} is already registered")
+        self._host.blocks[name] = spec
+
+    # -- starting and watching ------------------------------------------------------------
+
+    def start(self, graph_id: str, user_id: str, inputs: Mapping[str, Any] | None = None) -> str:
+        """Start a root execution; its row exists (RUNNING, or QUEUED over a limit) on return."""
+        self._check_open()
+        if graph_id not in self._host.graphs:
+            raise NotFound(f"graph {graph_id!r} was never loaded")
+        if not isinstance(user_id, str) or not user_id:
+            raise InvalidInput(f"user_id must be a non-empty string, not {user_id!r}")
+        inputs = dict(inputs or {})
+        try:
+            inputs_json = dumps(inputs)
+        except TypeError as exc:
+            raise InvalidInput(f"inputs of graph {graph_id!r} cannot be stored: {exc}") from exc
+        identity = Identity(execution_id=str(uuid.uuid4()), parent_id=None, root_id="", graph_id=graph_id,
+                            user_id=user_id, depth=0)
+        identity = Identity(**{**identity.__dict__, "root_id": identity.execution_id})
+        admitted = self._admission.try_admit(user_id, graph_id)
+        now = utcnow()
+        try:
+            self._store.write(InsertExecution(
+                id=identity.execution_id, graph_id=graph_id, user_id=user_id,
+                status=ExecutionStatus.RUNNING if admitted else ExecutionStatus.QUEUED,
+                parent_id=None, depth=0, runtime_id=self.runtime_id, created_at=now,
+                started_at=now if admitted else None, inputs_json=inputs_json))
+        except Exception:
+            if admitted:
+                self._release(user_id, graph_id)
+            raise
+        if admitted:
+            self._spawn_root(identity, inputs, running=True)
+        elif self._admission.enqueue_or_admit(QueuedRoot(identity.execution_id, user_id, graph_id, inputs)):
+            self._spawn_root(identity, inputs, running=False)
+        return identity.execution_id
+
+    def _spawn_root(self, identity: Identity, inputs: Mapping[str, Any], *, running: bool) -> None:
+        ref = ExecutionActor.start(self._host, identity, inputs, parent_ref=None, parent_halted=None,
+                                   running=running)
+        self._host.live.add(identity, ref)
+        if not running:
+            ref.tell(Begin())
+
+    def wait(self, execution_id: str, timeout: float = 10.0, user_id: str | None = None) -> ExecutionRecord:
+        """Block until the execution is terminal in the database; raise TimeoutError after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            record = self.get(execution_id, user_id=user_id)
+            if record.status.is_terminal:
+                return record
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"execution {execution_id} is still {record.status.value} after {timeout}s")
+            if self._host.live.get(execution_id) is not None:
+                self._host.live.wait_gone(execution_id, remaining)
+            else:
+                time.sleep(min(WAIT_POLL, remaining))
+
+    def get(self, execution_id: str, user_id: str | None = None) -> ExecutionRecord:
+        """The committed record; NotFound if missing or (with ``user_id``) another user's."""
+        return self._reader.get(execution_id, user_id)
+
+    def children(self, execution_id: str, user_id: str | None = None) -> list[ExecutionRecord]:
+        """The execution's direct children, oldest first."""
+        return self._reader.children(execution_id, user_id)
+
+    def tree(self, execution_id: str, user_id: str | None = None) -> dict[str, Any]:
+        """Nested dicts {"id", "graph_id", "status", "parent_id", "children"} read in one query."""
+        return self._reader.tree(execution_id, user_id)
+
+    def list(self, user_id: str | None = None, status: ExecutionStatus | str | None = None,
+             limit: int = 50) -> list[ExecutionRecord]:
+        """Executions, newest first."""
+        return self._reader.list(user_id, status, limit)
+
+    def actor(self, execution_id: str) -> pykka.ActorRef:
+        """The live actor of an execution hosted by this runtime."""
+        ref = self._host.live.get(execution_id)
+        if ref is None:
+            raise NotFound(f"execution {execution_id!r} has no live actor in this runtime")
+        return ref
+
+    # -- stopping -------------------------------------------------------------------
+
+    def stop(self, execution_id: str, user_id: str, wait_timeout: float = 15.0, cascade: bool = True,
+             block: bool = True, reason: str = "stopped by user") -> StopAck | pykka.Future:
+        """Stop an execution and (by default) its whole subtree.
+
+        Returns the StopAck once every write it reports is committed, or with
+        ``block=False`` a pykka Future of it. Raises NotFound, PermissionDenied
+        (nothing changes anywhere), StopTimeout (another process did not end it).
+        """
+        if not isinstance(wait_timeout, (int, float)) or isinstance(wait_timeout, bool) or not wait_timeout > 0:
+            raise InvalidInput(f"wait_timeout must be a positive number of seconds, not {wait_timeout!r}")
+        record = self._store.get(execution_id)
+        if record is None:
+            raise NotFound(f"execution {execution_id!r} does not exist")
+        if record.user_id != user_id:
+            raise PermissionDenied(
+                f"user {user_id!r} may not stop execution {execution_id}: it belongs to another user")
+        stop = Stop(user_id=user_id, cascade=cascade, reason=reason, wait_timeout=float(wait_timeout))
+        if block:
+            return self._stop(record, stop)
+        future = pykka.ThreadingFuture()
+        threading.Thread(target=_settle, args=(future, self._stop, record, stop), daemon=True,
+                         name=f"actorgraph-stop-{execution_id[:8]}").start()
+        return future
+
+    def _stop(self, record: ExecutionRecord, stop: Stop) -> StopAck:
+        ref = self._host.live.get(record.id)
+        if ref is not None:
+            try:
+                return ref.ask(stop, timeout=stop.wait_timeout + PERSIST_TIMEOUT)
+            except pykka.ActorDeadError:
+                pass  # it ended just now: the database says how
+        queued = self._admission.remove(record.id)
+        if queued is not None:
+            return self._stop_queued(queued, stop)
+        current = self._store.get(record.id)
+        if current is not None and current.status.is_terminal:
+            return StopAck(execution_id=record.id, already_final=(record.id,))
+        return stop_elsewhere(self._store, record, stop)
+
+    def _stop_queued(self, root: QueuedRoot, stop: Stop) -> StopAck:
+        """A root still waiting for a slot: it never started, so one write ends it."""
+        (moved,) = self._store.write(MoveExecutions(ids=(root.execution_id,), target=ExecutionStatus.TERMINATED,
+                                                    at=utcnow(), stop_reason=stop.reason))
+        self._host.live.remove(root.execution_id)
+        if moved:
+            return StopAck(execution_id=root.execution_id, terminated=moved)
+        return StopAck(execution_id=root.execution_id, already_final=(root.execution_id,))
+
+    def _on_stop_request(self, execution_id: str, user_id: str, cascade: bool, reason: str) -> None:
+        """On the watcher thread: another process asked to stop something we host."""
+        if execution_id in self._watched:
+            return
+        ref = self._host.live.get(execution_id)
+        stop = Stop(user_id=user_id, cascade=cascade, reason=reason)
+        if ref is not None:
+            self._watched.add(execution_id)
+            try:
+                ref.ask(stop, block=False)
+            except pykka.ActorDeadError:
+                pass
+        elif (queued := self._admission.remove(execution_id)) is not None:
+            self._stop_queued(queued, stop)
+
+    # -- bookkeeping ----------------------------------------------------------------------
+
+    def _on_ended(self, ended: Ended) -> None:
+        """On the writer thread, after an execution's final commit."""
+        identity = ended.identity
+        self._host.live.remove(identity.execution_id)
+        self._watched.discard(identity.execution_id)
+        if identity.parent_id is None:
+            self._release(identity.user_id, identity.graph_id)
+
+    def _release(self, user_id: str, graph_id: str) -> None:
+        for root in self._admission.release(user_id, graph_id):
+            identity = Identity(execution_id=root.execution_id, parent_id=None, root_id=root.execution_id,
+                                graph_id=root.graph_id, user_id=root.user_id, depth=0)
+            # Not on the writer thread: starting an actor starts a thread.
+            self._host.timers.call_soon(lambda i=identity, r=root: self._spawn_root(i, r.inputs, running=False))
+
+    @property
+    def live_count(self) -> int:
+        """How many executions this runtime hosts right now."""
+        return len(self._host.live)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until this runtime hosts no execution (e.g. abandoned children ended)."""
+        return self._host.live.wait_empty(timeout)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "runtime_id": self.runtime_id,
+            "database": self._store.dialect,
+            "live_executions": len(self._host.live),
+            "connections_opened": self._store.connections_opened,
+            "commits": self._store.writer.commits if self._store.writer else 0,
+        }
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InvalidInput("this runtime is closed")
+
+    def close(self, timeout: float = 15.0) -> None:
+        """Stop every live execution (cascading), then release threads and the database."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._watcher.close()
+        reason = "runtime closed"
+        pending = []
+        for identity, ref in self._host.live.tops():
+            try:
+                pending.append(ref.ask(Stop(user_id=identity.user_id, reason=reason, wait_timeout=timeout),
+                                       block=False))
+            except pykka.ActorDeadError:
+                pass
+        for root in self._admission.queued():
+            if self._admission.remove(root.execution_id) is not None:
+                self._stop_queued(root, Stop(user_id=root.user_id, reason=reason))
+        for future in pending:
+            try:
+                future.get(timeout=timeout + PERSIST_TIMEOUT)
+            except Exception as exc:  # noqa: BLE001 - keep closing; say what was left
+                logger.warning("runtime %s: a stop during close failed: %s", self.runtime_id, exc)
+        if not self._host.live.wait_empty(timeout):
+            logger.warning("runtime %s closed with %d executions still live", self.runtime_id,
+                           len(self._host.live))
+        self._host.timers.close()
+        # Blocks stuck in uncooperative user code cannot be killed; their
+        # records are already terminal and their results will be dropped.
+        self._host.pool.shutdown(wait=False, cancel_futures=True)
+        try:
+            self._store.write(UnregisterRuntime(runtime_id=self.runtime_id))
+        finally:
+            self._store.close()
+        logger.info("runtime %s closed", self.runtime_id)
+
+
+def _settle(future: pykka.ThreadingFuture, fn: Callable[..., StopAck], *args: Any) -> None:
+    try:
+        future.set(fn(*args))
+    except BaseException:  # noqa: BLE001 - handed to whoever gets the future
+        future.set_exception()

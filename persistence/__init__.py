@@ -1,0 +1,43 @@
+"""actorgraph's persistence layer: every line of SQL lives below this package.
+
+It never imports ``actors``: the runtime depends on the store, not the reverse.
+"""
+from persistence.database import default_url, redact
+from persistence.dialect import utcnow
+from persistence.errors import (
+    ActorGraphError,
+    DatabaseError,
+    NotFound,
+    PermissionDenied,
+    TransitionRejected,
+)
+from persistence.records import ExecutionRecord, NodeRecord, dumps
+from persistence.schema import LATEST_VERSION, current_version
+from persistence.status import ACTIVE, TERMINAL, TRANSITIONS, ExecutionStatus, can_transition, sources_of
+from persistence.store import Store, is_gone, pid_alive
+from persistence.writes import (
+    Heartbeat,
+    InsertExecution,
+    InsertNodes,
+    MoveExecutions,
+    MoveNodes,
+    NodeRow,
+    Operation,
+    RegisterRuntime,
+    RequestStop,
+    TerminateSubtree,
+    UnregisterRuntime,
+)
+
+__all__ = [
+    # Status machine
+    "ExecutionStatus", "TRANSITIONS", "TERMINAL", "ACTIVE", "can_transition", "sources_of",
+    # Records
+    "ExecutionRecord", "NodeRecord", "dumps",
+    # The store and its write operations
+    "Store", "Operation", "InsertExecution", "MoveExecutions", "InsertNodes", "NodeRow", "MoveNodes",
+    "RequestStop", "TerminateSubtree", "RegisterRuntime", "Heartbeat", "UnregisterRuntime",
+    "LATEST_VERSION", "current_version", "default_url", "redact", "utcnow", "is_gone", "pid_alive",
+    # Errors
+    "ActorGraphError", "NotFound", "PermissionDenied", "DatabaseError", "TransitionRejected",
+]

@@ -1,0 +1,88 @@
+"""The tables, as peewee models. They define the schema (DDL) only.
+
+Row reads and writes are plain SQL in ``store.py`` and ``writes.py``, where a
+reviewer can see every guard. Models are bound to a database only while the
+schema is created or migrated (``schema.py``), so one process can hold
+runtimes on several databases at once.
+"""
+from __future__ import annotations
+
+import peewee
+
+from persistence.status import ExecutionStatus
+
+_STATUS_CHECK = "status IN ({})".format(", ".join(f"'{s.value}'" for s in ExecutionStatus))
+
+
+class _Model(peewee.Model):
+    class Meta:
+        legacy_table_names = False
+
+
+class GraphExecution(_Model):
+    id = peewee.CharField(primary_key=True, max_length=36)
+    graph_id = peewee.CharField()
+    user_id = peewee.CharField(index=True)
+    status = peewee.CharField(max_length=16, constraints=[peewee.Check(_STATUS_CHECK)])
+    # The supervision link. Committed with the row, before the child runs.
+    parent = peewee.ForeignKeyField(
+        "self", null=True, column_name="parent_id", on_delete="SET NULL", index=True, backref="children"
+    )
+    depth = peewee.IntegerField(default=0)
+    created_at = peewee.DateTimeField()
+    started_at = peewee.DateTimeField(null=True)
+    ended_at = peewee.DateTimeField(null=True)
+    stop_requested_at = peewee.DateTimeField(null=True)
+    stop_reason = peewee.TextField(null=True)
+    inputs = peewee.TextField(default="{}")
+    outputs = peewee.TextField(null=True)
+    error = peewee.TextField(null=True)
+    # Added in schema version 2 (see schema.py): which runtime hosts the row,
+    # whether its pending stop cascades, and whether the stop had to force it.
+    runtime_id = peewee.CharField(null=True, index=True)
+    stop_cascade = peewee.BooleanField(default=True)
+    stop_forced = peewee.BooleanField(default=False)
+
+    class Meta:
+        table_name = "graph_execution"
+        indexes = ((("status", "created_at"), False),)
+
+
+class NodeExecution(_Model):
+    id = peewee.AutoField()
+    graph_execution = peewee.ForeignKeyField(
+        GraphExecution, column_name="graph_execution_id", on_delete="CASCADE", backref="nodes"
+    )
+    node_id = peewee.CharField()
+    block = peewee.CharField()
+    status = peewee.CharField(max_length=16, constraints=[peewee.Check(_STATUS_CHECK)])
+    started_at = peewee.DateTimeField(null=True)
+    ended_at = peewee.DateTimeField(null=True)
+    error = peewee.TextField(null=True)
+
+    class Meta:
+        table_name = "node_execution"
+        indexes = ((("graph_execution", "node_id"), True),)
+
+
+class RuntimeRow(_Model):
+    """A runtime process that hosts executions (schema version 2)."""
+
+    id = peewee.CharField(primary_key=True, max_length=36)
+    host = peewee.CharField()
+    pid = peewee.IntegerField()
+    started_at = peewee.DateTimeField()
+    heartbeat_at = peewee.DateTimeField()
+
+    class Meta:
+        table_name = "runtime"
+
+
+class SchemaVersion(_Model):
+    version = peewee.IntegerField(primary_key=True)
+
+    class Meta:
+        table_name = "schema_version"
+
+
+MODELS = (GraphExecution, NodeExecution, RuntimeRow, SchemaVersion)

@@ -1,0 +1,93 @@
+"""Schema versions: create a new database at the latest version, migrate older ones.
+
+Version 1: graph_execution and node_execution.
+Version 2: the runtime registry (table ``runtime``) and the columns that let
+           another process stop and recover executions: ``runtime_id``,
+           ``stop_cascade``, ``stop_forced``.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+import peewee
+from playhouse.migrate import SchemaMigrator, migrate
+
+from persistence.errors import DatabaseError
+from persistence.models import MODELS, GraphExecution, RuntimeRow, SchemaVersion
+
+logger = logging.getLogger(__name__)
+
+LATEST_VERSION = 2
+
+# bind_ctx rebinds the model classes for the whole process: one at a time.
+_BIND_LOCK = threading.Lock()
+
+
+def _to_version_2(database: peewee.Database) -> None:
+    migrator = SchemaMigrator.from_database(database)
+    migrate(
+        migrator.add_column("graph_execution", "runtime_id", GraphExecution.runtime_id),
+        migrator.add_column("graph_execution", "stop_cascade", GraphExecution.stop_cascade),
+        migrator.add_column("graph_execution", "stop_forced", GraphExecution.stop_forced),
+    )
+    database.create_tables([RuntimeRow])
+
+
+MIGRATIONS: dict[int, Callable[[peewee.Database], None]] = {2: _to_version_2}
+
+
+def current_version(database: peewee.Database) -> int:
+    """0 for an empty database, else the version stamped in schema_version."""
+    if not database.table_exists("schema_version"):
+        return 1 if database.table_exists("graph_execution") else 0
+    row = database.execute_sql("SELECT MAX(version) FROM schema_version").fetchone()
+    return int(row[0] or 0)
+
+
+def ensure_schema(database: peewee.Database) -> int:
+    """Bring the database to ``LATEST_VERSION``; return the version it had.
+
+    A new database gets the latest tables at once; an older one runs each
+    migration after its version, in order. All of it happens in one
+    transaction that holds the schema lock (SQLite: BEGIN IMMEDIATE;
+    PostgreSQL: an advisory lock), so two processes opening the same new
+    database at once do not both create it, and a failure changes nothing.
+    """
+    with _BIND_LOCK, database.bind_ctx(MODELS), database.connection_context():
+        try:
+            with database.atomic():
+                _lock_schema(database)
+                return _upgrade(database)
+        except peewee.PeeweeException as exc:
+            raise DatabaseError(f"cannot prepare the database schema: {exc}") from exc
+
+
+def _lock_schema(database: peewee.Database) -> None:
+    if isinstance(database, peewee.PostgresqlDatabase):
+        database.execute_sql("SELECT pg_advisory_xact_lock(?)".replace("?", "%s"), (_ADVISORY_KEY,))
+
+
+def _upgrade(database: peewee.Database) -> int:
+    found = current_version(database)
+    if found == LATEST_VERSION:
+        return found
+    if found == 0:
+        database.create_tables(MODELS)
+        SchemaVersion.insert(version=LATEST_VERSION).execute()
+        return found
+    if found > LATEST_VERSION:
+        raise DatabaseError(
+            f"database schema version {found} is newer than this actorgraph ({LATEST_VERSION})")
+    if not database.table_exists("schema_version"):
+        database.create_tables([SchemaVersion])
+    for version in range(found + 1, LATEST_VERSION + 1):
+        MIGRATIONS[version](database)
+        SchemaVersion.insert(version=version).execute()
+        logger.info("migrated database schema to version %d", version)
+    return found
+
+
+# Any constant works; it names "actorgraph's schema" among advisory locks.
+_ADVISORY_KEY = 0x6163746F72

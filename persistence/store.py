@@ -1,0 +1,296 @@
+"""The store: the only persistence entry point that actors call.
+
+Reads run on pooled connections from the caller's thread; writes go through
+the single group-committing ``Writer``. Driver errors are translated into
+``DatabaseError`` here, so nothing above this layer sees peewee or psycopg2.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import datetime as dt
+import functools
+import logging
+import os
+import socket
+import threading
+from typing import Any, Callable, Iterable, TypeVar
+
+import peewee
+
+from persistence import database as databases
+from persistence.dialect import Dialect, marks, utcnow
+from persistence.errors import DatabaseError
+from persistence.notifications import StopNotices
+from persistence.records import ExecutionRecord, NodeRecord, loads
+from persistence.schema import LATEST_VERSION, current_version, ensure_schema
+from persistence.status import ACTIVE, ExecutionStatus
+from persistence.writer import Writer
+from persistence.writes import Operation, RecoverLostRuntimes
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_ACTIVE = tuple(sorted(s.value for s in ACTIVE))
+_RECORD_COLUMNS = (
+    "id, graph_id, user_id, status, parent_id, created_at, started_at, ended_at,"
+    " inputs, outputs, error, stop_reason"
+)
+
+# A runtime on another host is presumed gone when its heartbeat is older than this.
+STALE_AFTER = dt.timedelta(seconds=30)
+
+
+def _translated(method: Callable[..., T]) -> Callable[..., T]:
+    """Raise driver errors as DatabaseError, naming the operation."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return method(*args, **kwargs)
+        except (peewee.PeeweeException, peewee.DatabaseError) as exc:
+            raise DatabaseError(f"{method.__name__} failed: {databases.first_line(exc)}") from exc
+
+    return wrapper
+
+
+class Store:
+    """Reads and writes graph executions on one database."""
+
+    def __init__(self, database: peewee.Database, url: str, *, writable: bool = True) -> None:
+        self.url = url
+        self._database = database
+        self._sql = Dialect(database)
+        self.writer = Writer(database) if writable else None
+        self.empty = False
+
+    @classmethod
+    def open(cls, url: str | None = None, *, read_only: bool = False) -> "Store":
+        """Open ``url`` (default: env ACTORGRAPH_DATABASE, else sqlite:///actorgraph.db).
+
+        A writable store creates or migrates the schema. A read-only store
+        changes nothing: on a database without actorgraph's tables it reads
+        as empty, and it refuses a schema older than this code's.
+        """
+        url = url or databases.default_url()
+        if read_only and url.startswith("sqlite:///") and not os.path.exists(url[len("sqlite:///"):]):
+            raise DatabaseError(f"database file {url[len('sqlite:///'):]} does not exist")
+        database = databases.open_database(url)
+        if not read_only:
+            ensure_schema(database)
+            return cls(database, url)
+        store = cls(database, url, writable=False)
+        with database.connection_context():
+            version = current_version(database)
+        if version == 0:
+            store.empty = True
+        elif version != LATEST_VERSION:
+            raise DatabaseError(f"database schema is version {version}, this actorgraph reads version "
+                                f"{LATEST_VERSION}: open it once with a Runtime to migrate it")
+        return store
+
+    @property
+    def dialect(self) -> str:
+        return "sqlite" if self._sql.is_sqlite else "postgresql"
+
+    @property
+    def connections_opened(self) -> int:
+        """How many database connections this store has opened since it was created."""
+        return self._database.connections_opened
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self._database.close_all()
+
+    # -- writes -----------------------------------------------------------
+
+    def submit(self, *ops: Operation) -> concurrent.futures.Future[list[Any]]:
+        """Queue ``ops`` for the writer; the future resolves after the commit."""
+        if self.writer is None:
+            raise DatabaseError("this store was opened read-only")
+        return self.writer.submit(*ops)
+
+    def write(self, *ops: Operation, timeout: float = 60.0) -> list[Any]:
+        """Run ``ops`` in one transaction and wait for the commit."""
+        try:
+            return self.submit(*ops).result(timeout)
+        except concurrent.futures.TimeoutError as exc:
+            raise DatabaseError(f"the database did not commit within {timeout:.0f}s") from exc
+
+    # -- reads ------------------------------------------------------------
+
+    def _read(self, statement: str, params: Iterable[Any] = ()) -> list[tuple]:
+        if self.empty:
+            return []
+        if self.writer is not None and self.writer.thread is threading.current_thread():
+            raise RuntimeError("the writer thread must not read through the pool")
+        with self._database.connection_context():
+            return self._sql.fetchall(statement, list(params))
+
+    @_translated
+    def get(self, execution_id: str) -> ExecutionRecord | None:
+        rows = self._read(f"SELECT {_RECORD_COLUMNS} FROM graph_execution WHERE id = ?", [execution_id])
+        return self._record(rows[0]) if rows else None
+
+    @_translated
+    def children(self, execution_id: str) -> list[ExecutionRecord]:
+        rows = self._read(
+            f"SELECT {_RECORD_COLUMNS} FROM graph_execution WHERE parent_id = ? ORDER BY created_at, id",
+            [execution_id],
+        )
+        return [self._record(row) for row in rows]
+
+    @_translated
+    def subtree(self, execution_id: str) -> list[dict[str, Any]]:
+        """Every row under ``execution_id`` (included), in one recursive query, parents first."""
+        rows = self._read(
+            "WITH RECURSIVE subtree(id, level) AS ("
+            " SELECT id, 0 FROM graph_execution WHERE id = ?"
+            " UNION ALL SELECT g.id, s.level + 1 FROM graph_execution g JOIN subtree s ON g.parent_id = s.id)"
+            " SELECT g.id, g.graph_id, g.user_id, g.status, g.parent_id, g.runtime_id, g.stop_forced, s.level"
+            " FROM subtree s JOIN graph_execution g ON g.id = s.id ORDER BY s.level, g.created_at, g.id",
+            [execution_id],
+        )
+        keys = ("id", "graph_id", "user_id", "status", "parent_id", "runtime_id", "stop_forced", "level")
+        return [dict(zip(keys, row)) for row in rows]
+
+    @_translated
+    def list_executions(self, user_id: str | None = None, status: ExecutionStatus | None = None,
+                        limit: int = 50) -> list[ExecutionRecord]:
+        clauses, params = [], []
+        if user_id is not None:
+            clauses.append("user_id = ?")
+            params.append(user_id)
+        if status is not None:
+            clauses.append("status = ?")
+            params.append(ExecutionStatus(status).value)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = self._read(
+            f"SELECT {_RECORD_COLUMNS} FROM graph_execution{where} ORDER BY created_at DESC, id LIMIT ?",
+            [*params, limit],
+        )
+        return [self._record(row) for row in rows]
+
+    @_translated
+    def nodes(self, execution_id: str) -> list[NodeRecord]:
+        rows = self._read(
+            "SELECT graph_execution_id, node_id, block, status, started_at, ended_at, error"
+            " FROM node_execution WHERE graph_execution_id = ? ORDER BY id",
+            [execution_id],
+        )
+        return [NodeRecord(r[0], r[1], r[2], ExecutionStatus(r[3]), Dialect.read_time(r[4]),
+                           Dialect.read_time(r[5]), r[6]) for r in rows]
+
+    @_translated
+    def count_active(self, ids: list[str]) -> int:
+        """How many of ``ids`` are still QUEUED or RUNNING."""
+        if not ids:
+            return 0
+        rows = self._read(
+            f"SELECT COUNT(*) FROM graph_execution WHERE id IN ({marks(ids)}) AND status IN ({marks(_ACTIVE)})",
+            [*ids, *_ACTIVE],
+        )
+        return int(rows[0][0])
+
+    @_translated
+    def pending_stops(self, runtime_id: str) -> list[tuple[str, str, bool, str]]:
+        """Stop requests aimed at executions ``runtime_id`` hosts: (id, user, cascade, reason).
+
+        Only the top of each stopped subtree: a descendant whose parent carries
+        a pending cascading request is reached by that parent's cascade.
+        """
+        rows = self._read(
+            "SELECT g.id, g.user_id, g.stop_cascade, g.stop_reason FROM graph_execution g"
+            " LEFT JOIN graph_execution p ON p.id = g.parent_id"
+            f" WHERE g.runtime_id = ? AND g.stop_requested_at IS NOT NULL AND g.status IN ({marks(_ACTIVE)})"
+            f" AND NOT (p.id IS NOT NULL AND p.stop_requested_at IS NOT NULL AND p.stop_cascade = ?"
+            f" AND p.status IN ({marks(_ACTIVE)})) ORDER BY g.depth",
+            [runtime_id, *_ACTIVE, True, *_ACTIVE],
+        )
+        return [(row[0], row[1], bool(row[2]), row[3]) for row in rows]
+
+    @_translated
+    def runtime_of(self, execution_id: str) -> dict[str, Any] | None:
+        """The runtime row hosting ``execution_id``, if it is registered."""
+        rows = self._read(
+            "SELECT r.id, r.host, r.pid, r.heartbeat_at FROM graph_execution g"
+            " JOIN runtime r ON r.id = g.runtime_id WHERE g.id = ?",
+            [execution_id],
+        )
+        if not rows:
+            return None
+        runtime_id, host, pid, heartbeat = rows[0]
+        return {"id": runtime_id, "host": host, "pid": pid, "heartbeat_at": Dialect.read_time(heartbeat)}
+
+    # -- runtimes that are gone ------------------------------------------
+
+    @_translated
+    def lost_runtimes(self, now: dt.datetime | None = None) -> list[tuple[str, str]]:
+        """Runtimes that still own active executions but are gone: (id, description).
+
+        Gone means: on this host with a dead pid, or anywhere with a stale
+        heartbeat, or not registered at all (its row was already removed).
+        """
+        now = now or utcnow()
+        rows = self._read(
+            "SELECT DISTINCT g.runtime_id, r.host, r.pid, r.heartbeat_at FROM graph_execution g"
+            " LEFT JOIN runtime r ON r.id = g.runtime_id"
+            f" WHERE g.runtime_id IS NOT NULL AND g.status IN ({marks(_ACTIVE)})",
+            list(_ACTIVE),
+        )
+        lost = []
+        for runtime_id, host, pid, heartbeat in rows:
+            if host is None:
+                lost.append((runtime_id, f"{runtime_id} (unregistered)"))
+            elif is_gone(host, pid, Dialect.read_time(heartbeat), now):
+                lost.append((runtime_id, f"{runtime_id} (host {host}, pid {pid})"))
+        return lost
+
+    def recover_lost(self) -> tuple[str, ...]:
+        """End the executions of every lost runtime (see RecoverLostRuntimes); returns their ids."""
+        lost = self.lost_runtimes()
+        if not lost:
+            return ()
+        (ended,) = self.write(RecoverLostRuntimes(runtimes=tuple(lost), at=utcnow()))
+        if ended:
+            logger.warning("recovered %d executions of lost runtimes %s", len(ended),
+                           ", ".join(description for _, description in lost))
+        return ended
+
+    def stop_notices(self) -> StopNotices:
+        """A listener that wakes when another process requests a stop (PostgreSQL LISTEN)."""
+        return StopNotices(self._database if not self._sql.is_sqlite else None)
+
+    def _record(self, row: tuple) -> ExecutionRecord:
+        (id_, graph_id, user_id, status, parent_id, created, started, ended,
+         inputs, outputs, error, stop_reason) = row
+        return ExecutionRecord(
+            id=id_, graph_id=graph_id, user_id=user_id, status=ExecutionStatus(status),
+            parent_id=parent_id, created_at=Dialect.read_time(created),
+            started_at=Dialect.read_time(started), ended_at=Dialect.read_time(ended),
+            inputs=loads(inputs) or {}, outputs=loads(outputs), error=error, stop_reason=stop_reason,
+        )
+
+
+def is_gone(host: str, pid: int, heartbeat: dt.datetime | None, now: dt.datetime) -> bool:
+    """Whether a registered runtime no longer runs."""
+    if host == socket.gethostname():
+        return not pid_alive(pid)
+    return heartbeat is None or now.replace(tzinfo=dt.timezone.utc) - heartbeat > STALE_AFTER
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with ``pid`` exists on this host (and is not a zombie)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+

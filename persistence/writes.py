@@ -1,0 +1,369 @@
+"""Write operations: each one a frozen value that knows its SQL.
+
+Actors never write directly: they hand operations to the writer
+(``writer.py``), which runs many actors' operations in one transaction.
+Consecutive operations of the same shape (the same ``merge_key``) become one
+statement, so terminating a thousand executions is one guarded UPDATE.
+
+Every status write is guarded by the statuses it may leave, taken from the
+transition table, and returns which rows it really moved (``RETURNING id``):
+a row that was already terminal is left alone and reported as not moved.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Any, Hashable, Sequence
+
+from persistence.dialect import MAX_PARAMS, Dialect, chunks, marks
+from persistence.status import ACTIVE, ExecutionStatus, sources_of
+
+_ACTIVE = tuple(sorted(s.value for s in ACTIVE))
+
+SUBTREE_CTE = (
+    "WITH RECURSIVE subtree(id) AS ("
+    " SELECT id FROM graph_execution WHERE id = ?"
+    " UNION ALL SELECT g.id FROM graph_execution g JOIN subtree s ON g.parent_id = s.id) "
+)
+
+
+class Operation:
+    """One write. ``run`` executes it inside the writer's open transaction."""
+
+    def merge_key(self) -> Hashable | None:
+        """Operations with equal non-None keys may run as one statement."""
+        return None
+
+    def run(self, sql: Dialect) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def run_many(cls, sql: Dialect, ops: Sequence["Operation"]) -> list[Any]:
+        return [op.run(sql) for op in ops]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InsertExecution(Operation):
+    """A new execution row; its parent link is committed with it."""
+
+    id: str
+    graph_id: str
+    user_id: str
+    status: ExecutionStatus
+    parent_id: str | None
+    depth: int
+    runtime_id: str | None
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    inputs_json: str
+
+    _COLUMNS = ("id, graph_id, user_id, status, parent_id, depth, runtime_id, created_at, started_at, inputs,"
+                " stop_cascade, stop_forced")
+
+    def merge_key(self) -> Hashable:
+        return "insert-execution"
+
+    def _values(self, sql: Dialect) -> tuple:
+        return (self.id, self.graph_id, self.user_id, self.status.value, self.parent_id, self.depth,
+                self.runtime_id, sql.time(self.created_at), sql.time(self.started_at), self.inputs_json,
+                True, False)
+
+    def run(self, sql: Dialect) -> None:
+        self.run_many(sql, [self])
+
+    @classmethod
+    def run_many(cls, sql: Dialect, ops: Sequence["InsertExecution"]) -> list[None]:
+        for part in chunks(ops, MAX_PARAMS // 12):
+            rows = ", ".join("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" for _ in part)
+            params = [value for op in part for value in op._values(sql)]
+            sql.execute(f"INSERT INTO graph_execution ({cls._COLUMNS}) VALUES {rows}", params)
+        return [None] * len(ops)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MoveExecutions(Operation):
+    """Move executions to ``target`` if their status allows it; returns the ids moved.
+
+    ``started_at``/``ended_at`` are written only when given. Stop fields are
+    kept if a stop request already set them (COALESCE): the first reason wins.
+    """
+
+    ids: tuple[str, ...]
+    target: ExecutionStatus
+    at: dt.datetime
+    outputs_json: str | None = None
+    error: str | None = None
+    stop_reason: str | None = None
+    stop_forced: bool = False
+
+    def merge_key(self) -> Hashable:
+        return ("move-executions", self.target, self.at, self.outputs_json, self.error,
+                self.stop_reason, self.stop_forced)
+
+    def run(self, sql: Dialect) -> tuple[str, ...]:
+        return self.run_many(sql, [self])[0]
+
+    @classmethod
+    def run_many(cls, sql: Dialect, ops: Sequence["MoveExecutions"]) -> list[tuple[str, ...]]:
+        first = ops[0]
+        assignments, params = first._assignments(sql)
+        sources = tuple(s.value for s in sources_of(first.target))
+        all_ids = [i for op in ops for i in op.ids]
+        moved: set[str] = set()
+        for part in chunks(all_ids, MAX_PARAMS - 32):
+            statement = (
+                f"UPDATE graph_execution SET {assignments} WHERE id IN ({marks(part)})"
+                f" AND status IN ({marks(sources)}) RETURNING id"
+            )
+            moved.update(row[0] for row in sql.fetchall(statement, [*params, *part, *sources]))
+        # The same id asked twice in one batch moved once: credit the first asker.
+        results = []
+        for op in ops:
+            mine = tuple(i for i in op.ids if i in moved)
+            moved.difference_update(mine)
+            results.append(mine)
+        return results
+
+    def _assignments(self, sql: Dialect) -> tuple[str, list[Any]]:
+        parts = ["status = ?"]
+        params: list[Any] = [self.target.value]
+        if self.target is ExecutionStatus.RUNNING:
+            parts.append("started_at = ?")
+            params.append(sql.time(self.at))
+        else:
+            parts.append("ended_at = ?")
+            params.append(sql.time(self.at))
+        if self.outputs_json is not None:
+            parts.append("outputs = ?")
+            params.append(self.outputs_json)
+        if self.error is not None:
+            parts.append("error = ?")
+            params.append(self.error)
+        if self.stop_reason is not None:
+            parts.append("stop_reason = COALESCE(stop_reason, ?)")
+            parts.append("stop_requested_at = COALESCE(stop_requested_at, ?)")
+            params.extend([self.stop_reason, sql.time(self.at)])
+        if self.stop_forced:
+            parts.append("stop_forced = ?")
+            params.append(True)
+        return ", ".join(parts), params
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NodeRow:
+    """A node that became ready, as first written."""
+
+    execution_id: str
+    node_id: str
+    block: str
+    status: ExecutionStatus
+    started_at: dt.datetime | None
+    ended_at: dt.datetime | None = None
+    error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InsertNodes(Operation):
+    rows: tuple[NodeRow, ...]
+
+    _COLUMNS = "graph_execution_id, node_id, block, status, started_at, ended_at, error"
+
+    def merge_key(self) -> Hashable:
+        return "insert-nodes"
+
+    def run(self, sql: Dialect) -> None:
+        self.run_many(sql, [self])
+
+    @classmethod
+    def run_many(cls, sql: Dialect, ops: Sequence["InsertNodes"]) -> list[None]:
+        rows = [row for op in ops for row in op.rows]
+        for part in chunks(rows, MAX_PARAMS // 7):
+            values = ", ".join("(?, ?, ?, ?, ?, ?, ?)" for _ in part)
+            params = [v for r in part for v in (r.execution_id, r.node_id, r.block, r.status.value,
+                                               sql.time(r.started_at), sql.time(r.ended_at), r.error)]
+            sql.execute(f"INSERT INTO node_execution ({cls._COLUMNS}) VALUES {values}", params)
+        return [None] * len(ops)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MoveNodes(Operation):
+    """Move one execution's nodes to ``target``; returns the number of rows moved.
+
+    ``node_ids=None`` means every node of the execution still QUEUED or RUNNING:
+    the form a stop uses, mergeable across executions.
+    """
+
+    execution_id: str
+    node_ids: tuple[str, ...] | None
+    target: ExecutionStatus
+    at: dt.datetime
+    error: str | None = None
+
+    def merge_key(self) -> Hashable | None:
+        return None if self.node_ids is not None else ("move-all-nodes", self.target, self.at, self.error)
+
+    def run(self, sql: Dialect) -> int:
+        if self.node_ids is None:
+            return self.run_many(sql, [self])[0]
+        sources = tuple(s.value for s in sources_of(self.target))
+        time_column = "started_at" if self.target is ExecutionStatus.RUNNING else "ended_at"
+        cursor = sql.execute(
+            f"UPDATE node_execution SET status = ?, {time_column} = ?, error = COALESCE(?, error)"
+            f" WHERE graph_execution_id = ? AND node_id IN ({marks(self.node_ids)})"
+            f" AND status IN ({marks(sources)})",
+            [self.target.value, sql.time(self.at), self.error, self.execution_id, *self.node_ids, *sources],
+        )
+        return cursor.rowcount
+
+    @classmethod
+    def run_many(cls, sql: Dialect, ops: Sequence["MoveNodes"]) -> list[int]:
+        first = ops[0]
+        ids = [op.execution_id for op in ops]
+        moved: dict[str, int] = {}
+        for part in chunks(ids, MAX_PARAMS - 32):
+            rows = sql.fetchall(
+                f"UPDATE node_execution SET status = ?, ended_at = ?, error = COALESCE(?, error)"
+                f" WHERE graph_execution_id IN ({marks(part)}) AND status IN ({marks(_ACTIVE)})"
+                f" RETURNING graph_execution_id",
+                [first.target.value, sql.time(first.at), first.error, *part, *_ACTIVE],
+            )
+            for (execution_id,) in rows:
+                moved[execution_id] = moved.get(execution_id, 0) + 1
+        return [moved.pop(op.execution_id, 0) for op in ops]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RequestStop(Operation):
+    """Persist a stop request on an execution (and, with ``cascade``, its active subtree).
+
+    Returns the ids that now carry the request. Written before anything is
+    signalled, so a crash mid-stop still ends these rows TERMINATED on recovery.
+    """
+
+    execution_id: str
+    reason: str
+    cascade: bool
+    at: dt.datetime
+
+    def run(self, sql: Dialect) -> tuple[str, ...]:
+        scope = f"{SUBTREE_CTE}" if self.cascade else ""
+        target = "(SELECT id FROM subtree)" if self.cascade else "(?)"
+        rows = sql.fetchall(
+            f"{scope}UPDATE graph_execution SET stop_requested_at = COALESCE(stop_requested_at, ?),"
+            f" stop_reason = COALESCE(stop_reason, ?),"
+            f" stop_cascade = CASE WHEN id = ? THEN ? ELSE stop_cascade END"
+            f" WHERE id IN {target} AND status IN ({marks(_ACTIVE)}) RETURNING id",
+            [*([self.execution_id] if self.cascade else []), sql.time(self.at), self.reason,
+             self.execution_id, self.cascade, *([] if self.cascade else [self.execution_id]), *_ACTIVE],
+        )
+        if not sql.is_sqlite and rows:
+            # Delivered at commit to every runtime LISTENing: the host reacts at once.
+            sql.execute("SELECT pg_notify('actorgraph_stop', ?)", [self.execution_id])
+        return tuple(row[0] for row in rows)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TerminateSubtree(Operation):
+    """End an execution and every active descendant TERMINATED; returns the ids moved.
+
+    Used for children that did not acknowledge a stop before its deadline and
+    for the subtrees of runtimes that are gone. Nodes are ended with them.
+    """
+
+    execution_id: str
+    reason: str
+    at: dt.datetime
+    forced: bool
+    include_root: bool = True
+
+    def run(self, sql: Dialect) -> tuple[str, ...]:
+        root_filter = "" if self.include_root else " AND id <> ?"
+        rows = sql.fetchall(
+            f"{SUBTREE_CTE}UPDATE graph_execution SET status = ?, ended_at = ?,"
+            f" stop_requested_at = COALESCE(stop_requested_at, ?), stop_reason = COALESCE(stop_reason, ?),"
+            f" stop_forced = ? WHERE id IN (SELECT id FROM subtree) AND status IN ({marks(_ACTIVE)})"
+            f"{root_filter} RETURNING id",
+            [self.execution_id, ExecutionStatus.TERMINATED.value, sql.time(self.at), sql.time(self.at),
+             self.reason, self.forced, *_ACTIVE, *([] if self.include_root else [self.execution_id])],
+        )
+        moved = tuple(row[0] for row in rows)
+        _end_nodes(sql, moved, ExecutionStatus.TERMINATED, self.at, None)
+        return moved
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RecoverLostRuntimes(Operation):
+    """End every active execution hosted by runtimes that are gone.
+
+    A row with a pending stop request ends TERMINATED (the stop wins); every
+    other row ends FAILED with an error naming the lost runtime. Both updates
+    run in the writer's one transaction, so no reader ever sees a parent
+    ended while its child is still active. Returns the ids ended.
+    """
+
+    runtimes: tuple[tuple[str, str], ...]  # (runtime id, description for the error)
+    at: dt.datetime
+
+    def run(self, sql: Dialect) -> tuple[str, ...]:
+        ended: list[str] = []
+        for runtime_id, description in self.runtimes:
+            terminated = sql.fetchall(
+                f"UPDATE graph_execution SET status = ?, ended_at = ? WHERE runtime_id = ?"
+                f" AND stop_requested_at IS NOT NULL AND status IN ({marks(_ACTIVE)}) RETURNING id",
+                [ExecutionStatus.TERMINATED.value, sql.time(self.at), runtime_id, *_ACTIVE],
+            )
+            failed = sql.fetchall(
+                f"UPDATE graph_execution SET status = ?, ended_at = ?, error = ? WHERE runtime_id = ?"
+                f" AND status IN ({marks(_ACTIVE)}) RETURNING id",
+                [ExecutionStatus.FAILED.value, sql.time(self.at), f"runtime {description} was lost",
+                 runtime_id, *_ACTIVE],
+            )
+            _end_nodes(sql, [r[0] for r in terminated], ExecutionStatus.TERMINATED, self.at, None)
+            _end_nodes(sql, [r[0] for r in failed], ExecutionStatus.FAILED, self.at,
+                       f"runtime {description} was lost")
+            sql.execute("DELETE FROM runtime WHERE id = ?", [runtime_id])
+            ended.extend(row[0] for row in terminated + failed)
+        return tuple(ended)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RegisterRuntime(Operation):
+    id: str
+    host: str
+    pid: int
+    at: dt.datetime
+
+    def run(self, sql: Dialect) -> None:
+        sql.execute(
+            "INSERT INTO runtime (id, host, pid, started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?)",
+            [self.id, self.host, self.pid, sql.time(self.at), sql.time(self.at)],
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Heartbeat(Operation):
+    runtime_id: str
+    at: dt.datetime
+
+    def run(self, sql: Dialect) -> int:
+        return sql.execute(
+            "UPDATE runtime SET heartbeat_at = ? WHERE id = ?", [sql.time(self.at), self.runtime_id]
+        ).rowcount
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class UnregisterRuntime(Operation):
+    runtime_id: str
+
+    def run(self, sql: Dialect) -> None:
+        sql.execute("DELETE FROM runtime WHERE id = ?", [self.runtime_id])
+
+
+def _end_nodes(sql: Dialect, execution_ids: Sequence[str], target: ExecutionStatus,
+               at: dt.datetime, error: str | None) -> None:
+    for part in chunks(list(execution_ids), MAX_PARAMS - 32):
+        sql.execute(
+            f"UPDATE node_execution SET status = ?, ended_at = ?, error = COALESCE(?, error)"
+            f" WHERE graph_execution_id IN ({marks(part)}) AND status IN ({marks(_ACTIVE)})",
+            [target.value, sql.time(at), error, *part, *_ACTIVE],
+        )
