@@ -237,7 +237,8 @@ class ExecutionActor(DeferredReplyActor):
             self.log.info("ended %s", status.value)
         self.host.on_ended(Ended(identity=self.identity, status=status, outputs=outputs,
                                  error=error, stop_reason=stop_reason))
-        if self.parent_ref is not None:
+        # A parent that is itself ending hears of us through our acknowledgement.
+        if self.parent_ref is not None and not self.parent_halted.is_set():  # type: ignore[union-attr]
             _tell(self.parent_ref, ChildEnded(child_id=self.identity.execution_id, status=status,
                                               outputs=outputs, error=error, stop_reason=stop_reason))
         if self.final is None:

@@ -25,6 +25,10 @@ from persistence import ExecutionStatus, MoveExecutions, MoveNodes, TerminateSub
 if TYPE_CHECKING:
     from actors.execution import ExecutionActor
 
+# After the deadline, how long a parent still waits for children that are
+# forcing their own work before it writes their subtrees itself.
+CHILD_GRACE = 1.0
+
 
 class Ending:
     """One execution's way to its final status, with its children and nodes."""
@@ -100,14 +104,31 @@ class Ending:
         self._submit()
 
     def deadline_passed(self) -> None:
-        """Whatever still runs is terminated anyway: listed in ``forced``."""
+        """Own work still running is terminated anyway (listed in ``forced``).
+
+        Children share this deadline and force their own work at the same
+        instant (deepest first), then acknowledge; they get ``CHILD_GRACE``
+        more to do so, so that their report reaches ours. A child silent
+        after that has its whole subtree written TERMINATED by us.
+        """
         with self._lock:
             if self._submitted:
                 return
             self._forced_nodes = set(self._pending_nodes)
-            self._forced_children = tuple(self._pending_children)
             self._pending_nodes.clear()
+            if self._pending_children:
+                self._deadline_timer = self.actor.host.timers.call_later(CHILD_GRACE, self.children_overdue)
+                return
+            self._submitted = True
+        self._submit()
+
+    def children_overdue(self) -> None:
+        with self._lock:
+            if self._submitted:
+                return
+            self._forced_children = tuple(self._pending_children)
             self._pending_children.clear()
+            self._submitted = True
         self._submit()
 
     def _ready_to_submit(self) -> bool:

@@ -47,8 +47,11 @@ class Timers:
         """
         handle = TimerHandle(callback)
         with self._condition:
+            earliest = self._heap[0][0] if self._heap else None
             heapq.heappush(self._heap, (when, -priority, next(self._sequence), handle))
-            if self._heap[0][3] is handle:
+            # Wake the thread only if it now has to fire sooner: a stop arms
+            # a thousand deadlines for the same instant, and one wake will do.
+            if earliest is None or when < earliest:
                 self._condition.notify()
         return handle
 

@@ -12,10 +12,9 @@ import threading
 from typing import Callable
 
 import peewee
-from playhouse.migrate import SchemaMigrator, migrate
 
 from persistence.errors import DatabaseError
-from persistence.models import MODELS, GraphExecution, RuntimeRow, SchemaVersion
+from persistence.models import MODELS, RuntimeRow, SchemaVersion
 
 logger = logging.getLogger(__name__)
 
@@ -26,12 +25,18 @@ _BIND_LOCK = threading.Lock()
 
 
 def _to_version_2(database: peewee.Database) -> None:
-    migrator = SchemaMigrator.from_database(database)
-    migrate(
-        migrator.add_column("graph_execution", "runtime_id", GraphExecution.runtime_id),
-        migrator.add_column("graph_execution", "stop_cascade", GraphExecution.stop_cascade),
-        migrator.add_column("graph_execution", "stop_forced", GraphExecution.stop_forced),
-    )
+    # Plain ALTER TABLE ... ADD COLUMN with a default: peewee's migrator
+    # would rebuild the SQLite table for NOT NULL, and dropping the old
+    # table cascades into node_execution.
+    sqlite = isinstance(database, peewee.SqliteDatabase)
+    boolean, true, false = ("INTEGER", "1", "0") if sqlite else ("BOOLEAN", "TRUE", "FALSE")
+    for statement in (
+        "ALTER TABLE graph_execution ADD COLUMN runtime_id VARCHAR(255)",
+        f"ALTER TABLE graph_execution ADD COLUMN stop_cascade {boolean} NOT NULL DEFAULT {true}",
+        f"ALTER TABLE graph_execution ADD COLUMN stop_forced {boolean} NOT NULL DEFAULT {false}",
+        "CREATE INDEX graph_execution_runtime_id ON graph_execution (runtime_id)",
+    ):
+        database.execute_sql(statement)
     database.create_tables([RuntimeRow])
 
 

@@ -131,7 +131,7 @@ class Writer:
         for _, group in itertools.groupby(flat, key=lambda item: _group_key(item[1])):
             members = list(group)
             ops = [op for _, op in members]
-            outcomes = type(ops[0]).run_many(self._sql, ops)
+            outcomes = [ops[0].run(self._sql)] if len(ops) == 1 else type(ops[0]).run_many(self._sql, ops)
             for (index, _), outcome in zip(members, outcomes):
                 results[index].append(outcome)
         return results
