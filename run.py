@@ -187,12 +187,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
               f"stopping the root after {args.stop_after}s", flush=True)
         view = TreeView()
         started = time.monotonic()
+        interrupted = False
         try:
             while time.monotonic() - started < args.stop_after:
                 view.show(rt.tree(root), time.monotonic() - started)
                 time.sleep(REDRAW_EVERY)
         except KeyboardInterrupt:
-            print("demo: interrupted", flush=True)
+            interrupted = True
+            print("demo: interrupted; stopping the tree", flush=True)
         began = time.perf_counter()
         ack = rt.stop(root, user_id=user)
         latency = time.perf_counter() - began
@@ -204,7 +206,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     counts = count_statuses(final)
     ok = counts == {"TERMINATED": expected}
     print(f"demo: {summary(final)}: " + ("the whole tree ended TERMINATED" if ok else "NOT every execution ended TERMINATED"))
-    return EXIT_OK if ok else EXIT_FAILED
+    if not ok:
+        return EXIT_FAILED
+    return EXIT_TERMINATED if interrupted else EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -257,11 +261,10 @@ def _stop_quietly(rt: Any, root: str, user: str) -> None:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from actors import Runtime
+    from actors import stop_execution
 
-    with Runtime(args.db) as rt:
-        ack = rt.stop(args.execution_id, user_id=args.user, cascade=not args.no_cascade,
-                      wait_timeout=args.timeout)
+    ack = stop_execution(args.db, args.execution_id, args.user, cascade=not args.no_cascade,
+                         wait_timeout=args.timeout)
     print(f"root: {ack.execution_id}")
     for label, ids in (("terminated", ack.terminated), ("already_final", ack.already_final),
                        ("forced", ack.forced)):

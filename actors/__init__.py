@@ -8,6 +8,7 @@ from actors.errors import InvalidGraph, InvalidInput, StopTimeout
 from actors.graphs import validate_graphs
 from actors.messages import Stop, StopAck
 from actors.reader import Reader
+from actors.remote import stop_execution
 from actors.runtime import Runtime
 from persistence import (
     ActorGraphError,
@@ -22,6 +23,7 @@ __all__ = [
     # Runtime
     "Runtime",
     "Reader",
+    "stop_execution",
     "BlockContext",
     "validate_graphs",
     # Records and statuses

@@ -14,12 +14,14 @@ import threading
 import time
 from typing import Callable
 
-from actors.errors import StopTimeout
+from actors.errors import InvalidInput, StopTimeout
 from actors.messages import Stop, StopAck
 from persistence import (
     ExecutionRecord,
     ExecutionStatus,
     Heartbeat,
+    NotFound,
+    PermissionDenied,
     RequestStop,
     Store,
     TerminateSubtree,
@@ -33,6 +35,36 @@ POLL_INTERVAL = 0.1   # the watcher's poll: a remote stop is seen within 200 ms
 HEARTBEAT_EVERY = 2.0
 WAIT_INTERVAL = 0.05  # how often a remote stopper looks at the database
 GRACE = 5.0           # beyond wait_timeout, for the host's final commits
+
+
+def stop_execution(database: str | None, execution_id: str, user_id: str, *, cascade: bool = True,
+                   wait_timeout: float = 15.0, reason: str = "stopped by user") -> StopAck:
+    """Stop an execution from a process that hosts no runtime (``run.py stop``).
+
+    Unlike opening a ``Runtime``, this does not recover lost runtimes before
+    it starts: it persists the stop request first, so that a crashed tree it
+    then recovers ends TERMINATED, not FAILED.
+    """
+    if not isinstance(wait_timeout, (int, float)) or isinstance(wait_timeout, bool) or not wait_timeout > 0:
+        raise InvalidInput(f"wait_timeout must be a positive number of seconds, not {wait_timeout!r}")
+    store = Store.open(database)
+    try:
+        record = owned_record(store, execution_id, user_id)
+        return stop_elsewhere(store, record, Stop(user_id=user_id, cascade=cascade, reason=reason,
+                                                  wait_timeout=float(wait_timeout)))
+    finally:
+        store.close()
+
+
+def owned_record(store: Store, execution_id: str, user_id: str) -> ExecutionRecord:
+    """The execution's record, if ``user_id`` may stop it."""
+    record = store.get(execution_id)
+    if record is None:
+        raise NotFound(f"execution {execution_id!r} does not exist")
+    if record.user_id != user_id:
+        raise PermissionDenied(
+            f"user {user_id!r} may not stop execution {execution_id}: it belongs to another user")
+    return record
 
 
 def stop_elsewhere(store: Store, record: ExecutionRecord, stop: Stop) -> StopAck:

@@ -21,7 +21,7 @@ from actors.host import Ended, Host, LiveActors
 from actors.logs import Identity
 from actors.messages import Begin, Stop, StopAck
 from actors.reader import Reader
-from actors.remote import StopWatcher, stop_elsewhere
+from actors.remote import StopWatcher, owned_record, stop_elsewhere
 from actors.timers import Timers
 from persistence import (
     ExecutionRecord,
@@ -29,7 +29,6 @@ from persistence import (
     InsertExecution,
     MoveExecutions,
     NotFound,
-    PermissionDenied,
     RegisterRuntime,
     Store,
     UnregisterRuntime,
@@ -127,9 +126,9 @@ class Runtime:
             inputs_json = dumps(inputs)
         except TypeError as exc:
             raise InvalidInput(f"inputs of graph {graph_id!r} cannot be stored: {exc}") from exc
-        identity = Identity(execution_id=str(uuid.uuid4()), parent_id=None, root_id="", graph_id=graph_id,
-                            user_id=user_id, depth=0)
-        identity = Identity(**{**identity.__dict__, "root_id": identity.execution_id})
+        execution_id = str(uuid.uuid4())
+        identity = Identity(execution_id=execution_id, parent_id=None, root_id=execution_id,
+                            graph_id=graph_id, user_id=user_id, depth=0)
         admitted = self._admission.try_admit(user_id, graph_id)
         now = utcnow()
         try:
@@ -206,12 +205,7 @@ class Runtime:
         """
         if not isinstance(wait_timeout, (int, float)) or isinstance(wait_timeout, bool) or not wait_timeout > 0:
             raise InvalidInput(f"wait_timeout must be a positive number of seconds, not {wait_timeout!r}")
-        record = self._store.get(execution_id)
-        if record is None:
-            raise NotFound(f"execution {execution_id!r} does not exist")
-        if record.user_id != user_id:
-            raise PermissionDenied(
-                f"user {user_id!r} may not stop execution {execution_id}: it belongs to another user")
+        record = owned_record(self._store, execution_id, user_id)
         stop = Stop(user_id=user_id, cascade=cascade, reason=reason, wait_timeout=float(wait_timeout))
         if block:
             return self._stop(record, stop)

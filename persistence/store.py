@@ -274,9 +274,13 @@ class Store:
 
 
 def is_gone(host: str, pid: int, heartbeat: dt.datetime | None, now: dt.datetime) -> bool:
-    """Whether a registered runtime no longer runs."""
-    if host == socket.gethostname():
-        return not pid_alive(pid)
+    """Whether a registered runtime no longer runs.
+
+    On this host a dead pid says so at once. Anywhere, a heartbeat older than
+    STALE_AFTER does too (this also covers a pid reused by another process).
+    """
+    if host == socket.gethostname() and not pid_alive(pid):
+        return True
     return heartbeat is None or now.replace(tzinfo=dt.timezone.utc) - heartbeat > STALE_AFTER
 
 
