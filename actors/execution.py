@@ -89,7 +89,11 @@ class ExecutionActor(DeferredReplyActor):
         self.graph = host.graphs[identity.graph_id]
         self.parent_ref = parent_ref
         self.parent_halted = parent_halted
+        # A root admitted at once is inserted RUNNING; everything else QUEUED.
+        # Either way, nodes start only on Begin, sent once the actor is
+        # registered as live and its row is committed.
         self.status = ExecutionStatus.RUNNING if running else ExecutionStatus.QUEUED
+        self.started = False
         # Set when this execution stops or fails: the spawn gate, and the
         # stop_event user blocks see.
         self.halted = threading.Event()
@@ -104,11 +108,6 @@ class ExecutionActor(DeferredReplyActor):
         self.log = ExecutionLog(logger, identity)
 
     # -- pykka hooks ------------------------------------------------------
-
-    def on_start(self) -> None:
-        if self.status is ExecutionStatus.RUNNING:
-            self._start_nodes(self.graph.roots)
-            self._flush()
 
     def on_receive(self, message: Any) -> Any:
         try:
@@ -250,15 +249,17 @@ class ExecutionActor(DeferredReplyActor):
     # -- starting -------------------------------------------------------------
 
     def _on_begin(self) -> None:
-        if self.status is not ExecutionStatus.QUEUED or self.ending is not None:
+        if self.started or self.ending is not None or self.final is not None:
             return
         if self.parent_halted is not None and self.parent_halted.is_set():
             # The parent is stopping: never start; its cascade will end us.
             self.log.debug("parent is stopping; not starting")
             return
-        self.status = ExecutionStatus.RUNNING
-        self._ops.append(MoveExecutions(ids=(self.identity.execution_id,),
-                                        target=ExecutionStatus.RUNNING, at=utcnow()))
+        self.started = True
+        if self.status is ExecutionStatus.QUEUED:
+            self.status = ExecutionStatus.RUNNING
+            self._ops.append(MoveExecutions(ids=(self.identity.execution_id,),
+                                            target=ExecutionStatus.RUNNING, at=utcnow()))
         self._start_nodes(self.graph.roots)
 
     def _start_nodes(self, node_ids: Any) -> None:

@@ -150,9 +150,9 @@ class Runtime:
     def _spawn_root(self, identity: Identity, inputs: Mapping[str, Any], *, running: bool) -> None:
         ref = ExecutionActor.start(self._host, identity, inputs, parent_ref=None, parent_halted=None,
                                    running=running)
+        # Registered before it begins, so its end always finds it registered.
         self._host.live.add(identity, ref)
-        if not running:
-            ref.tell(Begin())
+        ref.tell(Begin())
 
     def wait(self, execution_id: str, timeout: float = 10.0, user_id: str | None = None) -> ExecutionRecord:
         """Block until the execution is terminal in the database; raise TimeoutError after ``timeout``."""
@@ -313,6 +313,8 @@ class Runtime:
         for future in pending:
             try:
                 future.get(timeout=timeout + PERSIST_TIMEOUT)
+            except pykka.ActorDeadError:
+                continue  # it ended on its own meanwhile
             except Exception as exc:  # noqa: BLE001 - keep closing; say what was left
                 logger.warning("runtime %s: a stop during close failed: %s", self.runtime_id, exc)
         if not self._host.live.wait_empty(timeout):
