@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("graphs", metavar="GRAPHS.json")
     run.add_argument("graph_id", metavar="GRAPH_ID")
     run.add_argument("--user", default=None, help="user id (default: your login name)")
-    run.add_argument("--input", action="append", default=[], metavar="K=V",
+    run.add_argument("--input", action="extend", nargs="+", default=[], metavar="K=V",
                      help="an input; V is parsed as JSON when it parses, else kept as a string")
     run.add_argument("--stop-after", type=_positive(float), default=None, metavar="S",
                      help="stop the tree after S seconds")
