@@ -2,26 +2,26 @@
 
 pykka answers an ``ask`` with whatever ``on_receive`` returns. A stop cannot
 answer then: it must first hear from its children and from the writer. So
-an actor returns a ``concurrent.futures.Future`` instead, and the reply
-future that pykka created for the ask (our ``_ReplyFuture``) settles when
-that future does. The actor's thread never blocks waiting for it.
+an actor returns a ``Promise`` instead, and the reply future that pykka
+created for the ask (our ``_ReplyFuture``) settles when that promise does. The actor's thread never blocks waiting for it.
 """
 from __future__ import annotations
 
-import concurrent.futures
 from typing import Any
 
 import pykka
 
+from persistence import Promise
+
 
 class _ReplyFuture(pykka.ThreadingFuture):
     def set(self, value: Any | None = None) -> None:
-        if isinstance(value, concurrent.futures.Future):
+        if isinstance(value, Promise):
             value.add_done_callback(self._settle)
             return
         super().set(value)
 
-    def _settle(self, done: concurrent.futures.Future) -> None:
+    def _settle(self, done: Promise) -> None:
         error = done.exception()
         if error is not None:
             super().set_exception((type(error), error, error.__traceback__))
@@ -39,7 +39,3 @@ class DeferredReplyActor(pykka.ThreadingActor):
         return _ReplyFuture()
 
 
-def resolved(value: Any) -> concurrent.futures.Future:
-    future: concurrent.futures.Future = concurrent.futures.Future()
-    future.set_result(value)
-    return future

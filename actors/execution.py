@@ -21,7 +21,7 @@ import pykka
 
 from actors import blocks as builtin
 from actors.blocks import BlockContext, BlockKind, BlockSpec, NodeError
-from actors.deferred import DeferredReplyActor, resolved
+from actors.deferred import DeferredReplyActor
 from actors.host import Ended, Host
 from actors.logs import ExecutionLog, Identity
 from actors.messages import (
@@ -45,6 +45,7 @@ from persistence import (
     NodeRow,
     Operation,
     PermissionDenied,
+    Promise,
     RequestStop,
     dumps,
     utcnow,
@@ -94,6 +95,7 @@ class ExecutionActor(DeferredReplyActor):
         # registered as live and its row is committed.
         self.status = ExecutionStatus.RUNNING if running else ExecutionStatus.QUEUED
         self.started = False
+        self._thread_stopping = False
         # Set when this execution stops or fails: the spawn gate, and the
         # stop_event user blocks see.
         self.halted = threading.Event()
@@ -102,7 +104,7 @@ class ExecutionActor(DeferredReplyActor):
         self.outputs: dict[str, Any] = {}
         self.ending: Ending | None = None
         # Resolved with the final status once it is committed.
-        self.final: concurrent.futures.Future[ExecutionStatus] | None = None
+        self.final: Promise[ExecutionStatus] | None = None
         self._ops: list[Operation] = []
         self._after_commit: list[Any] = []
         self.log = ExecutionLog(logger, identity)
@@ -130,13 +132,26 @@ class ExecutionActor(DeferredReplyActor):
             raise TypeError(f"execution actor got an unknown message {message!r}")
         finally:
             self._flush()
+            self._stop_thread_if_done()
+
+    def _stop_thread_if_done(self) -> None:
+        """End this actor's thread in its own turn once its final write is queued.
+
+        Stopping from the same turn costs no extra wake-up; what is left (the
+        commit and the acknowledgement) runs on the writer thread, and a late
+        Stop finds the ending in ``host.endings``.
+        """
+        if self._thread_stopping or self.ending is None or not self.ending.write_queued:
+            return
+        self._thread_stopping = True
+        self.stop()
 
     def on_failure(self, *args: Any) -> None:
         self.log.error("actor failed", exc_info=args)
 
     # -- stop ---------------------------------------------------------------
 
-    def _on_stop(self, stop: Stop) -> concurrent.futures.Future[StopAck]:
+    def _on_stop(self, stop: Stop) -> Promise[StopAck]:
         if stop.user_id != self.identity.user_id:
             raise PermissionDenied(
                 f"user {stop.user_id!r} may not stop execution {self.identity.execution_id}: "
@@ -168,16 +183,19 @@ class ExecutionActor(DeferredReplyActor):
                 stop.on_ack(StopAck(execution_id=self.identity.execution_id))
                 return
             self._end(ExecutionStatus.TERMINATED, reason=stop.reason, deadline=stop.deadline)
-        self.ending.result.add_done_callback(  # type: ignore[union-attr]
-            lambda f: f.exception() is None and stop.on_ack(f.result()))
+        ending = self.ending
+        assert ending is not None
+        if stop.on_queued is not None:
+            ending.on_write_queued(stop.on_queued)
+        ending.result.add_done_callback(lambda f: f.exception() is None and stop.on_ack(f.result()))
 
-    def _already_final(self) -> concurrent.futures.Future[StopAck]:
+    def _already_final(self) -> Promise[StopAck]:
         """Already terminal (or its final write is in flight): acknowledge after that commit."""
         ack = StopAck(execution_id=self.identity.execution_id,
                       already_final=(self.identity.execution_id,))
         if self.final is None or self.final.done():
-            return resolved(ack)
-        answer: concurrent.futures.Future[StopAck] = concurrent.futures.Future()
+            return Promise.resolved(ack)
+        answer: Promise[StopAck] = Promise()
         self.final.add_done_callback(lambda _: answer.set_result(ack))
         return answer
 
@@ -187,6 +205,7 @@ class ExecutionActor(DeferredReplyActor):
         self.halted.set()
         self._flush()
         self.ending = Ending(self, status=status, reason=reason, deadline=deadline, error=error)
+        self.host.endings[self.identity.execution_id] = self.ending
         # An agent node ends with its child's acknowledgement, so the ending
         # waits for it as a child, not as a node. With queued_only (a stop
         # that does not cascade) running children are acknowledged at once
@@ -214,10 +233,8 @@ class ExecutionActor(DeferredReplyActor):
         try:
             self.children[child_id].ref.tell(message)
         except pykka.ActorDeadError:
-            # The child ended between its last message and this one; its
-            # row is terminal, which is all a stop needs.
             if isinstance(message, CascadeStop):
-                message.on_ack(StopAck(execution_id=child_id, already_final=(child_id,)))
+                answer_for_gone_actor(self.host, child_id, message)
 
     def ending_failed(self, ending: Ending, error: BaseException) -> None:
         """The final write failed: the error reaches the caller; a later stop may retry."""
@@ -241,10 +258,15 @@ class ExecutionActor(DeferredReplyActor):
             _tell(self.parent_ref, ChildEnded(child_id=self.identity.execution_id, status=status,
                                               outputs=outputs, error=error, stop_reason=stop_reason))
         if self.final is None:
-            self.final = concurrent.futures.Future()
+            self.final = Promise()
         if not self.final.done():
             self.final.set_result(status)
-        self.actor_ref.stop(block=False)
+        if not self._thread_stopping:
+            self._thread_stopping = True
+            try:
+                self.stop()  # a tell: the actor answers what is already in its inbox, then ends
+            except pykka.ActorDeadError:
+                pass
 
     # -- starting -------------------------------------------------------------
 
@@ -441,11 +463,11 @@ class ExecutionActor(DeferredReplyActor):
 
     def _finish(self, status: ExecutionStatus, final_op: MoveExecutions) -> None:
         """Natural end (nothing runs any more): one write, then tell whoever listens."""
-        self.final = concurrent.futures.Future()
+        self.final = Promise()
         self._ops.append(final_op)
         outputs = dict(self.outputs)
 
-        def committed(write: concurrent.futures.Future) -> None:
+        def committed(write: Promise) -> None:
             if write.exception() is not None:
                 self.log.error("final write failed: %s", write.exception())
                 self.final.set_exception(write.exception())  # type: ignore[union-attr]
@@ -489,7 +511,7 @@ class ExecutionActor(DeferredReplyActor):
         elif self.final is None:
             write.add_done_callback(self._check_write)
 
-    def _children_committed(self, write: concurrent.futures.Future, children: list) -> None:
+    def _children_committed(self, write: Promise, children: list) -> None:
         error = write.exception()
         for ref, child_id in children:
             if error is None:
@@ -497,7 +519,7 @@ class ExecutionActor(DeferredReplyActor):
             else:
                 self._tell_self(ChildCommitted(child_id=child_id, error=str(error)))
 
-    def _check_write(self, write: concurrent.futures.Future) -> None:
+    def _check_write(self, write: Promise) -> None:
         if write.exception() is not None:
             self.log.error("write failed: %s", write.exception())
             self._tell_self(WriteFailed(error=str(write.exception())))
@@ -508,6 +530,18 @@ class ExecutionActor(DeferredReplyActor):
     def _on_retry_stop(self, message: RetryStop) -> None:
         if self.ending is message.ending:
             self.ending = None
+
+
+def answer_for_gone_actor(host: Host, execution_id: str, stop: CascadeStop) -> None:
+    """A stop for an execution whose thread already ended: its ending (or the database) answers."""
+    ending = host.endings.get(execution_id)
+    if ending is None:
+        # Its final write committed: its row is terminal, all a stop needs.
+        stop.on_ack(StopAck(execution_id=execution_id, already_final=(execution_id,)))
+        return
+    if stop.on_queued is not None:
+        ending.on_write_queued(stop.on_queued)
+    ending.result.add_done_callback(lambda f: f.exception() is None and stop.on_ack(f.result()))
 
 
 def _tell(ref: pykka.ActorRef, message: Any) -> None:

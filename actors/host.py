@@ -86,3 +86,7 @@ class Host:
     failure_timeout: float
     live: LiveActors
     on_ended: Callable[[Ended], None]
+    # Endings in progress, by execution id: an actor may end its thread as
+    # soon as its final write is queued, and a late Stop still gets the
+    # same acknowledgement from here.
+    endings: dict[str, Any] = dataclasses.field(default_factory=dict)

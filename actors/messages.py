@@ -56,6 +56,8 @@ class CascadeStop:
         reason: the stop reason of the stop that started the cascade.
         deadline: ``time.monotonic()`` by which the whole tree must be terminal.
         on_ack: called with the child's ``StopAck`` once its writes committed.
+        on_queued: called with the future of the child's final write as soon
+            as it is queued; the parent's own write may follow it at once.
         queued_only: True for a non-cascading stop: only a child that has not
             started yet ends, so that nothing starts under a stopped parent.
     """
@@ -63,6 +65,7 @@ class CascadeStop:
     reason: str
     deadline: float
     on_ack: Callable[[StopAck], None]
+    on_queued: Callable[[Any], None] | None = None
     queued_only: bool = False
 
 

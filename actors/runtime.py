@@ -220,7 +220,9 @@ class Runtime:
             try:
                 return ref.ask(stop, timeout=stop.wait_timeout + PERSIST_TIMEOUT)
             except pykka.ActorDeadError:
-                pass  # it ended just now: the database says how
+                ending = self._host.endings.get(record.id)
+                if ending is not None:  # its thread ended with its write queued
+                    return ending.result.result(timeout=stop.wait_timeout + PERSIST_TIMEOUT)
         queued = self._admission.remove(record.id)
         if queued is not None:
             return self._stop_queued(queued, stop)
@@ -258,6 +260,7 @@ class Runtime:
     def _on_ended(self, ended: Ended) -> None:
         """On the writer thread, after an execution's final commit."""
         identity = ended.identity
+        self._host.endings.pop(identity.execution_id, None)
         self._host.live.remove(identity.execution_id)
         self._watched.discard(identity.execution_id)
         if identity.parent_id is None:

@@ -3,24 +3,29 @@
 An ``Ending`` is created on the execution's actor thread when a stop arrives
 (final status TERMINATED) or a node fails (final status FAILED). From then
 on nothing new starts under the execution, and the ending waits for two
-things: its own running nodes, and the acknowledgement of every child it
-sent a ``CascadeStop``. Each of those may report on any thread: a node on
-the actor thread, a child's acknowledgement on the writer thread (right
-after the child's commit), the deadline on the timer thread. The last one to
-report submits the execution's own write; its commit resolves ``result``,
-which is the acknowledgement the parent (or the caller of ``Stop``) hears.
+things: its own running nodes, and every child it sent a ``CascadeStop``.
 
-So the order is always: children terminal and committed, then this row,
-then the acknowledgement. No thread ever blocks waiting for another.
+A child counts as done as soon as its own final write is *queued* with the
+writer. The writer is one FIFO thread, so our write, submitted after it, can
+only commit in the same transaction or a later one; it is also declared to
+depend on it, so if the child's write fails ours fails too. No reader can
+ever see us terminal while a child is not, and nobody is acknowledged before
+the commit that holds their row: the acknowledgement is sent from the
+writer's commit callback. What this buys: a whole subtree's writes go into
+one or a few transactions instead of one commit per level.
+
+Reports may come from any thread: a node on the actor thread, a child's
+write on the child's thread or the writer's, the deadline on the timer
+thread. The last one submits our write. No thread ever blocks on another.
 """
 from __future__ import annotations
 
-import concurrent.futures
+import functools
 import threading
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from actors.messages import CascadeStop, StopAck
-from persistence import ExecutionStatus, MoveExecutions, MoveNodes, TerminateSubtree, utcnow
+from persistence import ExecutionStatus, MoveExecutions, MoveNodes, Promise, TerminateSubtree, utcnow
 
 if TYPE_CHECKING:
     from actors.execution import ExecutionActor
@@ -41,15 +46,18 @@ class Ending:
         self.deadline = deadline
         self.error = error
         # Resolved with the StopAck after the final write committed.
-        self.result: concurrent.futures.Future[StopAck] = concurrent.futures.Future()
+        self.result: Promise[StopAck] = Promise()
         self._lock = threading.Lock()
         self._pending_nodes: set[str] = set()
         self._pending_children: set[str] = set()
+        self._child_writes: list[Promise] = []
         self._acks: list[StopAck] = []
         self._already_final: list[str] = []
         self._forced_nodes: set[str] = set()
         self._forced_children: tuple[str, ...] = ()
         self._submitted = False
+        self._write: Promise | None = None
+        self._write_listeners: list[Callable[[Promise], None]] = []
         self._deadline_timer: Any = None
 
     # -- on the actor thread ----------------------------------------------
@@ -73,11 +81,12 @@ class Ending:
         for child_id in list(self._pending_children):
             actor.tell_child(child_id, CascadeStop(
                 reason=self.reason, deadline=self.deadline, queued_only=queued_only,
-                on_ack=lambda ack, child_id=child_id: self.child_acked(child_id, ack)))
+                on_queued=functools.partial(self.child_queued, child_id),
+                on_ack=functools.partial(self.child_acked, child_id)))
         with self._lock:
             if self._submitted:
-                return  # every child acknowledged while we were still sending
-            if not self._ready_to_submit():
+                return  # every child reported while we were still sending
+            if not self._claim_submission():
                 # Deeper executions are forced first when deadlines coincide.
                 self._deadline_timer = actor.host.timers.call_at(
                     self.deadline, self.deadline_passed, priority=actor.identity.depth)
@@ -87,19 +96,43 @@ class Ending:
     def node_ended(self, node_id: str) -> None:
         with self._lock:
             self._pending_nodes.discard(node_id)
-            if not self._ready_to_submit():
+            if not self._claim_submission():
                 return
         self._submit()
 
+    @property
+    def write_queued(self) -> bool:
+        return self._write is not None
+
+    def on_write_queued(self, listener: Callable[[Promise], None]) -> None:
+        """Call ``listener`` with our final write's future once it is queued (at once if it is)."""
+        with self._lock:
+            if self._write is None:
+                self._write_listeners.append(listener)
+                return
+        listener(self._write)
+
     # -- on any thread -----------------------------------------------------
 
-    def child_acked(self, child_id: str, ack: StopAck) -> None:
+    def child_queued(self, child_id: str, write: Promise) -> None:
+        """A child's final write is queued: ours may follow it."""
         with self._lock:
             if child_id not in self._pending_children:
-                return  # forced at the deadline already; this late ack adds nothing
+                return
             self._pending_children.discard(child_id)
+            self._child_writes.append(write)
+            if not self._claim_submission():
+                return
+        self._submit()
+
+    def child_acked(self, child_id: str, ack: StopAck) -> None:
+        """A child's report, after its commit (for an already final child, its only signal)."""
+        with self._lock:
             self._acks.append(ack)
-            if not self._ready_to_submit():
+            if child_id not in self._pending_children:
+                return
+            self._pending_children.discard(child_id)
+            if not self._claim_submission():
                 return
         self._submit()
 
@@ -107,9 +140,8 @@ class Ending:
         """Own work still running is terminated anyway (listed in ``forced``).
 
         Children share this deadline and force their own work at the same
-        instant (deepest first), then acknowledge; they get ``CHILD_GRACE``
-        more to do so, so that their report reaches ours. A child silent
-        after that has its whole subtree written TERMINATED by us.
+        instant (deepest first); they get ``CHILD_GRACE`` more to report. A
+        child silent after that has its whole subtree written TERMINATED by us.
         """
         with self._lock:
             if self._submitted:
@@ -131,8 +163,8 @@ class Ending:
             self._submitted = True
         self._submit()
 
-    def _ready_to_submit(self) -> bool:
-        """Called under the lock; flips ``_submitted`` exactly once."""
+    def _claim_submission(self) -> bool:
+        """Under the lock: True exactly once, when nothing is pending any more."""
         if self._submitted or self._pending_nodes or self._pending_children:
             return False
         self._submitted = True
@@ -141,7 +173,6 @@ class Ending:
     def _submit(self) -> None:
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
-        self._submitted = True
         actor = self.actor
         own_id = actor.identity.execution_id
         now = utcnow()
@@ -157,10 +188,20 @@ class Ending:
             ids=(own_id,), target=self.status, at=now, error=self.error,
             stop_reason=self.reason if self.status is ExecutionStatus.TERMINATED else None,
             stop_forced=forced))
-        actor.host.store.submit(*ops).add_done_callback(self._committed)
+        write = actor.host.store.submit(*ops, after=self._child_writes)
+        with self._lock:
+            self._write = write
+            listeners, self._write_listeners = self._write_listeners, []
+        for listener in listeners:
+            listener(write)
+        write.add_done_callback(self._committed)
 
-    def _committed(self, write: concurrent.futures.Future) -> None:
-        """On the writer thread, right after the commit: acknowledge, then let the actor go."""
+    def _committed(self, write: Promise) -> None:
+        """On the writer thread, right after the commit: acknowledge, then let the actor go.
+
+        Children's writes were queued before ours, so their acknowledgements
+        (run from the same or an earlier commit) are already in ``_acks``.
+        """
         error = write.exception()
         if error is not None:
             self.actor.ending_failed(self, error)
@@ -170,16 +211,20 @@ class Ending:
         forced_moved = [i for moved in results[:len(self._forced_children)] for i in moved]
         own_moved = bool(results[-1])
         own_id = self.actor.identity.execution_id
-        terminated = [i for ack in self._acks for i in ack.terminated] + forced_moved
-        already_final = self._already_final + [i for ack in self._acks for i in ack.already_final]
-        forced = [i for ack in self._acks for i in ack.forced] + forced_moved
+        with self._lock:
+            acks = list(self._acks)
+        terminated = [i for ack in acks for i in ack.terminated] + forced_moved
+        already_final = self._already_final + [i for ack in acks for i in ack.already_final]
+        forced = [i for ack in acks for i in ack.forced] + forced_moved
         if own_moved and self.status is ExecutionStatus.TERMINATED:
             terminated.insert(0, own_id)
             if self._forced_nodes:
                 forced.insert(0, own_id)
         elif not own_moved:
             already_final.insert(0, own_id)
-        self.actor.ended(self.status, error=self.error, stop_reason=self.reason, persisted=own_moved)
+        # Acknowledge first (this may run the parent's acknowledgement too),
+        # then let the actor go: its thread's teardown is not on the way up.
         self.result.set_result(StopAck(
             execution_id=own_id, terminated=tuple(terminated),
             already_final=tuple(already_final), forced=tuple(dict.fromkeys(forced))))
+        self.actor.ended(self.status, error=self.error, stop_reason=self.reason, persisted=own_moved)

@@ -4,6 +4,7 @@ It never imports ``actors``: the runtime depends on the store, not the reverse.
 """
 from persistence.database import default_url, redact
 from persistence.dialect import utcnow
+from persistence.promise import Promise
 from persistence.errors import (
     ActorGraphError,
     DatabaseError,
@@ -35,7 +36,7 @@ __all__ = [
     # Records
     "ExecutionRecord", "NodeRecord", "dumps",
     # The store and its write operations
-    "Store", "Operation", "InsertExecution", "MoveExecutions", "InsertNodes", "NodeRow", "MoveNodes",
+    "Store", "Promise", "Operation", "InsertExecution", "MoveExecutions", "InsertNodes", "NodeRow", "MoveNodes",
     "RequestStop", "TerminateSubtree", "RegisterRuntime", "Heartbeat", "UnregisterRuntime",
     "LATEST_VERSION", "current_version", "default_url", "redact", "utcnow", "is_gone", "pid_alive",
     # Errors

@@ -6,7 +6,6 @@ the single group-committing ``Writer``. Driver errors are translated into
 """
 from __future__ import annotations
 
-import concurrent.futures
 import datetime as dt
 import functools
 import logging
@@ -21,6 +20,7 @@ from persistence import database as databases
 from persistence.dialect import Dialect, marks, utcnow
 from persistence.errors import DatabaseError
 from persistence.notifications import StopNotices
+from persistence.promise import Promise
 from persistence.records import ExecutionRecord, NodeRecord, loads
 from persistence.schema import LATEST_VERSION, current_version, ensure_schema
 from persistence.status import ACTIVE, ExecutionStatus
@@ -105,17 +105,18 @@ class Store:
 
     # -- writes -----------------------------------------------------------
 
-    def submit(self, *ops: Operation) -> concurrent.futures.Future[list[Any]]:
-        """Queue ``ops`` for the writer; the future resolves after the commit."""
+    def submit(self, *ops: Operation,
+               after: Iterable[Promise] = ()) -> Promise[list[Any]]:
+        """Queue ``ops`` for the writer; the future resolves after the commit (see Writer.submit)."""
         if self.writer is None:
             raise DatabaseError("this store was opened read-only")
-        return self.writer.submit(*ops)
+        return self.writer.submit(*ops, after=tuple(after))
 
     def write(self, *ops: Operation, timeout: float = 60.0) -> list[Any]:
         """Run ``ops`` in one transaction and wait for the commit."""
         try:
             return self.submit(*ops).result(timeout)
-        except concurrent.futures.TimeoutError as exc:
+        except TimeoutError as exc:
             raise DatabaseError(f"the database did not commit within {timeout:.0f}s") from exc
 
     # -- reads ------------------------------------------------------------

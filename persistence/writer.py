@@ -7,7 +7,6 @@ and no lock waits, and nobody is told "done" before the data is durable.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import itertools
 import logging
 import queue
@@ -18,6 +17,7 @@ import peewee
 
 from persistence.dialect import Dialect
 from persistence.errors import DatabaseError
+from persistence.promise import Promise
 from persistence.writes import Operation
 
 logger = logging.getLogger(__name__)
@@ -30,11 +30,19 @@ _CLOSE = object()
 
 
 class _Submission:
-    __slots__ = ("ops", "future")
+    __slots__ = ("ops", "future", "after")
 
-    def __init__(self, ops: Sequence[Operation]) -> None:
+    def __init__(self, ops: Sequence[Operation], after: Sequence[Promise]) -> None:
         self.ops = ops
-        self.future: concurrent.futures.Future[list[Any]] = concurrent.futures.Future()
+        self.after = after
+        self.future: Promise[list[Any]] = Promise()
+
+    def failed_dependency(self) -> BaseException | None:
+        """The error of a write this one was submitted after and depends on, if it failed."""
+        for dependency in self.after:
+            if dependency.done() and dependency.exception() is not None:
+                return dependency.exception()
+        return None
 
 
 class Writer:
@@ -53,9 +61,15 @@ class Writer:
     def thread(self) -> threading.Thread:
         return self._thread
 
-    def submit(self, *ops: Operation) -> concurrent.futures.Future[list[Any]]:
-        """Queue ``ops`` to run in order in one transaction; the future holds their results."""
-        submission = _Submission(ops)
+    def submit(self, *ops: Operation,
+               after: Sequence[Promise] = ()) -> Promise[list[Any]]:
+        """Queue ``ops`` to run in order in one transaction; the future holds their results.
+
+        ``after`` names earlier submissions this one depends on. The queue is
+        FIFO, so they commit in an earlier transaction or in the same one; if
+        one of them fails, this one fails too and writes nothing.
+        """
+        submission = _Submission(ops, after)
         if self._closed:
             submission.future.set_exception(DatabaseError("the database writer is closed"))
         else:
@@ -98,6 +112,9 @@ class Writer:
         return batch, False
 
     def _commit(self, batch: list[_Submission]) -> None:
+        batch = [submission for submission in batch if self._dependencies_hold(submission)]
+        if not batch:
+            return
         try:
             with self._database.atomic():
                 results = self._run(batch)
@@ -112,7 +129,16 @@ class Writer:
         for submission, result in zip(batch, results):
             _resolve(submission.future, result)
 
+    def _dependencies_hold(self, submission: _Submission) -> bool:
+        error = submission.failed_dependency()
+        if error is None:
+            return True
+        _fail(submission.future, DatabaseError(f"not written: a write it depends on failed: {error}"))
+        return False
+
     def _commit_alone(self, submission: _Submission) -> None:
+        if not self._dependencies_hold(submission):
+            return
         try:
             with self._database.atomic():
                 (result,) = self._run([submission])
@@ -143,11 +169,11 @@ def _group_key(op: Operation) -> Any:
     return (type(op), key) if key is not None else ("alone", id(op))
 
 
-def _resolve(future: concurrent.futures.Future[list[Any]], result: list[Any]) -> None:
-    # Done-callbacks run here, on the writer thread; concurrent.futures logs
-    # (and contains) any exception they raise.
+def _resolve(future: Promise[list[Any]], result: list[Any]) -> None:
+    # Done-callbacks run here, on the writer thread; the promise logs (and
+    # contains) any exception they raise.
     future.set_result(result)
 
 
-def _fail(future: concurrent.futures.Future[list[Any]], error: Exception) -> None:
+def _fail(future: Promise[list[Any]], error: Exception) -> None:
     future.set_exception(error)

@@ -97,7 +97,9 @@ class MoveExecutions(Operation):
     stop_forced: bool = False
 
     def merge_key(self) -> Hashable:
-        return ("move-executions", self.target, self.at, self.outputs_json, self.error,
+        # Not ``at``: every actor stamps its own time, and merged rows take the
+        # latest of them (they all commit in the same transaction anyway).
+        return ("move-executions", self.target, self.outputs_json, self.error,
                 self.stop_reason, self.stop_forced)
 
     def run(self, sql: Dialect) -> tuple[str, ...]:
@@ -105,7 +107,7 @@ class MoveExecutions(Operation):
 
     @classmethod
     def run_many(cls, sql: Dialect, ops: Sequence["MoveExecutions"]) -> list[tuple[str, ...]]:
-        first = ops[0]
+        first = dataclasses.replace(ops[0], at=max(op.at for op in ops))
         assignments, params = first._assignments(sql)
         sources = tuple(s.value for s in sources_of(first.target))
         all_ids = [i for op in ops for i in op.ids]
@@ -200,7 +202,7 @@ class MoveNodes(Operation):
     error: str | None = None
 
     def merge_key(self) -> Hashable | None:
-        return None if self.node_ids is not None else ("move-all-nodes", self.target, self.at, self.error)
+        return None if self.node_ids is not None else ("move-all-nodes", self.target, self.error)
 
     def run(self, sql: Dialect) -> int:
         if self.node_ids is None:
@@ -218,6 +220,7 @@ class MoveNodes(Operation):
     @classmethod
     def run_many(cls, sql: Dialect, ops: Sequence["MoveNodes"]) -> list[int]:
         first = ops[0]
+        at = max(op.at for op in ops)
         ids = [op.execution_id for op in ops]
         moved: dict[str, int] = {}
         for part in chunks(ids, MAX_PARAMS - 32):
@@ -225,7 +228,7 @@ class MoveNodes(Operation):
                 f"UPDATE node_execution SET status = ?, ended_at = ?, error = COALESCE(?, error)"
                 f" WHERE graph_execution_id IN ({marks(part)}) AND status IN ({marks(_ACTIVE)})"
                 f" RETURNING graph_execution_id",
-                [first.target.value, sql.time(first.at), first.error, *part, *_ACTIVE],
+                [first.target.value, sql.time(at), first.error, *part, *_ACTIVE],
             )
             for (execution_id,) in rows:
                 moved[execution_id] = moved.get(execution_id, 0) + 1
