@@ -151,15 +151,20 @@ class Writer:
         _resolve(submission.future, result)
 
     def _run(self, batch: list[_Submission]) -> list[list[Any]]:
-        """Run every op in submission order, merging runs of same-shaped ops."""
-        flat = [(index, op) for index, submission in enumerate(batch) for op in submission.ops]
-        results: list[list[Any]] = [[] for _ in batch]
-        for _, group in itertools.groupby(flat, key=lambda item: _group_key(item[1])):
+        """Run every op phase by phase (see writes.py), merging runs of same-shaped ops.
+
+        Results go back to each submission in its own op order.
+        """
+        flat = [(index, position, op) for index, submission in enumerate(batch)
+                for position, op in enumerate(submission.ops)]
+        flat.sort(key=lambda item: item[2].phase)  # stable: submission order within a phase
+        results: list[list[Any]] = [[None] * len(submission.ops) for submission in batch]
+        for _, group in itertools.groupby(flat, key=lambda item: _group_key(item[2])):
             members = list(group)
-            ops = [op for _, op in members]
+            ops = [op for _, _, op in members]
             outcomes = [ops[0].run(self._sql)] if len(ops) == 1 else type(ops[0]).run_many(self._sql, ops)
-            for (index, _), outcome in zip(members, outcomes):
-                results[index].append(outcome)
+            for (index, position, _), outcome in zip(members, outcomes):
+                results[index][position] = outcome
         return results
 
 
