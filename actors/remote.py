@@ -118,6 +118,10 @@ class StopWatcher:
         self._thread = threading.Thread(target=self._loop, name="actorgraph-watcher", daemon=True)
         self._thread.start()
 
+    @property
+    def listening(self) -> bool:
+        return self._notices.listening
+
     def close(self) -> None:
         self._closed.set()
         self._notices.close()

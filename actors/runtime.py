@@ -316,7 +316,10 @@ class Runtime:
             "runtime_id": self.runtime_id,
             "database": self._store.dialect,
             "live_executions": len(self._host.live),
+            # Pooled connections opened so far (at most 8 at a time), plus the
+            # LISTEN connection on PostgreSQL.
             "connections_opened": self._store.connections_opened,
+            "listen_connection": self._watcher.listening,
             "commits": self._store.writer.commits if self._store.writer else 0,
         }
 

@@ -224,7 +224,9 @@ class Ending:
             already_final.insert(0, own_id)
         # Acknowledge first (this may run the parent's acknowledgement too),
         # then let the actor go: its thread's teardown is not on the way up.
+        # A child forced at the deadline may still report before our commit:
+        # each id is listed once.
         self.result.set_result(StopAck(
-            execution_id=own_id, terminated=tuple(terminated),
-            already_final=tuple(already_final), forced=tuple(dict.fromkeys(forced))))
+            execution_id=own_id, terminated=tuple(dict.fromkeys(terminated)),
+            already_final=tuple(dict.fromkeys(already_final)), forced=tuple(dict.fromkeys(forced))))
         self.actor.ended(self.status, error=self.error, stop_reason=self.reason, persisted=own_moved)

@@ -39,6 +39,11 @@ class StopNotices:
             logger.warning("LISTEN unavailable, falling back to polling: %s", exc)
             return None
 
+    @property
+    def listening(self) -> bool:
+        """Whether a LISTEN connection is open (one more connection than the pool's)."""
+        return self._connection is not None
+
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for a notice; True if one (or more) arrived."""
         connection = self._connection
