@@ -13,6 +13,8 @@ import threading
 
 import peewee
 
+from persistence.database import connect_params
+
 logger = logging.getLogger(__name__)
 
 CHANNEL = "actorgraph_stop"
@@ -30,7 +32,7 @@ class StopNotices:
         import psycopg2
 
         try:
-            connection = psycopg2.connect(dbname=database.database, **database.connect_params)
+            connection = psycopg2.connect(**connect_params(database))
             connection.autocommit = True
             with connection.cursor() as cursor:
                 cursor.execute(f"LISTEN {CHANNEL}")
