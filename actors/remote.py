@@ -45,8 +45,7 @@ def stop_execution(database: str | None, execution_id: str, user_id: str, *, cas
     it starts: it persists the stop request first, so that a crashed tree it
     then recovers ends TERMINATED, not FAILED.
     """
-    if not isinstance(wait_timeout, (int, float)) or isinstance(wait_timeout, bool) or not wait_timeout > 0:
-        raise InvalidInput(f"wait_timeout must be a positive number of seconds, not {wait_timeout!r}")
+    check_wait_timeout(wait_timeout)
     store = Store.open(database)
     try:
         record = owned_record(store, execution_id, user_id)
@@ -54,6 +53,11 @@ def stop_execution(database: str | None, execution_id: str, user_id: str, *, cas
                                                   wait_timeout=float(wait_timeout)))
     finally:
         store.close()
+
+
+def check_wait_timeout(wait_timeout: object) -> None:
+    if not isinstance(wait_timeout, (int, float)) or isinstance(wait_timeout, bool) or not wait_timeout > 0:
+        raise InvalidInput(f"wait_timeout must be a positive number of seconds, not {wait_timeout!r}")
 
 
 def owned_record(store: Store, execution_id: str, user_id: str) -> ExecutionRecord:

@@ -22,7 +22,7 @@ from actors.host import Ended, Host, LiveActors
 from actors.logs import Identity
 from actors.messages import Begin, Stop, StopAck
 from actors.reader import Reader
-from actors.remote import StopWatcher, owned_record, stop_elsewhere
+from actors.remote import StopWatcher, check_wait_timeout, owned_record, stop_elsewhere
 from actors.timers import Timers
 from persistence import (
     ExecutionRecord,
@@ -219,8 +219,7 @@ class Runtime:
         ``block=False`` a pykka Future of it. Raises NotFound, PermissionDenied
         (nothing changes anywhere), StopTimeout (another process did not end it).
         """
-        if not isinstance(wait_timeout, (int, float)) or isinstance(wait_timeout, bool) or not wait_timeout > 0:
-            raise InvalidInput(f"wait_timeout must be a positive number of seconds, not {wait_timeout!r}")
+        check_wait_timeout(wait_timeout)
         stop = Stop(user_id=user_id, cascade=cascade, reason=reason, wait_timeout=float(wait_timeout))
         ref = self._host.live.get(execution_id)
         if ref is not None and block:
