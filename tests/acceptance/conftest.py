@@ -21,6 +21,7 @@ from typing import Iterator
 import pytest
 
 from tests.helpers import wait_until
+from tests.integration.graphs import leaf
 
 RUN_PY = Path(__file__).resolve().parents[2] / "run.py"
 
@@ -35,17 +36,6 @@ LONG_SLEEP = 300
 SHORT_SLEEP = 10
 
 
-def _leaf() -> dict:
-    return {
-        "nodes": {
-            "in": {"block": "input", "input": {"name": "seconds"}},
-            "nap": {"block": "sleep"},
-            "out": {"block": "output", "input": {"name": "slept"}},
-        },
-        "links": [{"from": "in.value", "to": "nap.seconds"}, {"from": "nap.value", "to": "out.value"}],
-    }
-
-
 def _two_children(graph: str, seconds: float) -> dict:
     return {
         "nodes": {
@@ -57,7 +47,7 @@ def _two_children(graph: str, seconds: float) -> dict:
 
 GRAPHS = {
     "graphs": {
-        "leaf": _leaf(),
+        "leaf": leaf(),
         # A root with two children that sleep far longer than any test.
         "parent": _two_children("leaf", LONG_SLEEP),
         # A root with two children that end on their own after a short sleep.
