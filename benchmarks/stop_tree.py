@@ -326,18 +326,26 @@ def runtime_completion_rate(rt: Any, roots: int, figure: Figure) -> float:
     return roots / elapsed
 
 
-def run_backend(backend: Backend, plan: Plan) -> list[Figure]:
+FIGURES = ("wide", "tree", "chain", "flat", "throughput")
+
+
+def run_backend(backend: Backend, plan: Plan, only: tuple[str, ...] = FIGURES) -> list[Figure]:
     """Every figure on one database, the memory tree first (before other shapes grew the heap)."""
     tally = ConnectionTally()
     figures: list[Figure] = []
-    figures += run_stop_figure(backend, plan.memory, plan, tally, target="<= 2x floor",
-                               target_ratio=2.0, measure_memory=True)
-    figures += run_stop_figure(backend, plan.tree, plan, tally, target="<= 1.5x floor, >= 4x ref",
-                               target_ratio=1.5, target_speedup=4.0)
-    figures += run_stop_figure(backend, plan.chain, plan, tally, target="<= 2x floor",
-                               target_ratio=2.0)
-    figures += run_stop_figure(backend, plan.flat, plan, tally)
-    figures.append(run_throughput_figure(backend, plan, tally))
+    if "wide" in only:
+        figures += run_stop_figure(backend, plan.memory, plan, tally, target="<= 2x floor",
+                                   target_ratio=2.0, measure_memory=True)
+    if "tree" in only:
+        figures += run_stop_figure(backend, plan.tree, plan, tally, target="<= 1.5x floor, >= 4x ref",
+                                   target_ratio=1.5, target_speedup=4.0)
+    if "chain" in only:
+        figures += run_stop_figure(backend, plan.chain, plan, tally, target="<= 2x floor",
+                                   target_ratio=2.0)
+    if "flat" in only:
+        figures += run_stop_figure(backend, plan.flat, plan, tally)
+    if "throughput" in only:
+        figures.append(run_throughput_figure(backend, plan, tally))
     figures.append(tally.figure(backend.name))
     return figures
 
@@ -349,6 +357,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m benchmarks.stop_tree",
         description="Time actorgraph's persisted cascading stop against plain pykka and"
                     " the recursive asyncio reference, on SQLite and optionally PostgreSQL.")
+    parser.add_argument("--only", nargs="+", choices=FIGURES, default=list(FIGURES), metavar="FIGURE",
+                        help=f"run only these figures ({', '.join(FIGURES)}; default: all)")
     parser.add_argument("--quick", action="store_true",
                         help="smaller shapes and 3 repetitions (under a minute)")
     parser.add_argument("--json", metavar="PATH", help="also write every figure as JSON")
@@ -401,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         backends: list[Backend] = [SqliteBackend(directory)]
         if args.postgres:
             backends.append(PostgresBackend(args.postgres))
-        figures = [figure for backend in backends for figure in run_backend(backend, plan)]
+        figures = [figure for backend in backends for figure in run_backend(backend, plan, tuple(args.only))]
         machine = machine_info(server_versions(backends))
     machine["databases"] = {b.name: describe_url(getattr(b, "url", "sqlite:///" + directory))
                             for b in backends}
