@@ -193,8 +193,9 @@ def test_stop_unknown_id_raises_not_found(runtime_factory, observer):
     assert observer.snapshot() == before
 
 
-def test_two_stops_while_one_is_in_progress_get_the_same_ack(runtime_factory, observer):
-    # The stubborn child keeps the first stop in progress for its whole wait_timeout.
+
+def _start_stubborn_tree(runtime_factory, observer):
+    """A root with two children: one sleeps through any stop, one sleeps LONG. Returns (rt, root, rows)."""
     rt = runtime_factory(
         g.graphs(
             leaf=g.leaf(),
@@ -203,7 +204,11 @@ def test_two_stops_while_one_is_in_progress_get_the_same_ack(runtime_factory, ob
         )
     )
     root = rt.start("mixed", user_id=USER)
-    rows = wait_tree_running(observer, root, executions=3, naps=2)
+    return rt, root, wait_tree_running(observer, root, executions=3, naps=2)
+
+def test_two_stops_while_one_is_in_progress_get_the_same_ack(runtime_factory, observer):
+    # The stubborn child keeps the first stop in progress for its whole wait_timeout.
+    rt, root, rows = _start_stubborn_tree(runtime_factory, observer)
     first: dict = {}
 
     def stop_first() -> None:
@@ -300,15 +305,7 @@ def test_cascade_false_stops_only_that_execution(runtime_factory, observer, gate
 
 
 def test_ignore_stop_work_is_forced_at_the_deadline(runtime_factory, observer):
-    rt = runtime_factory(
-        g.graphs(
-            leaf=g.leaf(),
-            stubborn=g.sleeper(seconds=20, ignore_stop=True),
-            mixed=g.parent(a=("stubborn", {}), b=("leaf", {"seconds": g.LONG})),
-        )
-    )
-    root = rt.start("mixed", user_id=USER)
-    rows = wait_tree_running(observer, root, executions=3, naps=2)
+    rt, root, rows = _start_stubborn_tree(runtime_factory, observer)
     stubborn = next(r["id"] for r in rows if r["graph_id"] == "stubborn")
     polite = next(r["id"] for r in rows if r["graph_id"] == "leaf")
 
