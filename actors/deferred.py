@@ -3,7 +3,8 @@
 pykka answers an ``ask`` with whatever ``on_receive`` returns. A stop cannot
 answer then: it must first hear from its children and from the writer. So
 an actor returns a ``Promise`` instead, and the reply future that pykka
-created for the ask (our ``_ReplyFuture``) settles when that promise does. The actor's thread never blocks waiting for it.
+created for the ask (our ``_ReplyFuture``) settles when that promise does.
+The actor's turn never blocks waiting for it.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 import pykka
 
+from actors.dispatch import PooledActor
 from persistence import Promise
 
 
@@ -29,13 +31,9 @@ class _ReplyFuture(pykka.ThreadingFuture):
             super().set(done.result())
 
 
-class DeferredReplyActor(pykka.ThreadingActor):
-    """A ThreadingActor whose ``on_receive`` may return a future to reply later."""
-
-    use_daemon_thread = True
+class DeferredReplyActor(PooledActor):
+    """A pooled actor whose ``on_receive`` may return a promise to reply later."""
 
     @staticmethod
     def _create_future() -> pykka.Future[Any]:
         return _ReplyFuture()
-
-

@@ -83,7 +83,7 @@ class ExecutionActor(DeferredReplyActor):
     def __init__(self, host: Host, identity: Identity, inputs: Mapping[str, Any], *,
                  parent_ref: pykka.ActorRef | None, parent_halted: threading.Event | None,
                  running: bool) -> None:
-        super().__init__()
+        super().__init__(host.dispatcher)
         self.host = host
         self.identity = identity
         self.inputs = dict(inputs)

@@ -1,6 +1,6 @@
 """What every execution actor of one runtime shares.
 
-The ``Host`` bundles the store, the timers, the worker pool, the loaded
+The ``Host`` bundles the store, the timers, the actors' dispatcher, the worker pool, the loaded
 graphs and blocks, and the registry of live actors. It is the runtime's
 inside; ``Runtime`` (runtime.py) is its outside.
 """
@@ -14,6 +14,7 @@ from typing import Any, Callable
 import pykka
 
 from actors.blocks import BlockSpec
+from actors.dispatch import Dispatcher
 from actors.graphs import Graph
 from actors.logs import Identity
 from actors.timers import Timers
@@ -79,6 +80,8 @@ class Host:
     store: Store
     runtime_id: str
     timers: Timers
+    # Runs every execution actor's turns: actors share its threads.
+    dispatcher: Dispatcher
     pool: concurrent.futures.ThreadPoolExecutor
     blocks: dict[str, BlockSpec]
     graphs: dict[str, Graph]

@@ -15,6 +15,7 @@ import pykka
 
 from actors.admission import Admission, QueuedRoot
 from actors.blocks import BUILTIN_BLOCKS, user_block
+from actors.dispatch import Dispatcher
 from actors.errors import InvalidGraph, InvalidInput
 from actors.execution import PERSIST_TIMEOUT, ExecutionActor
 from actors.graphs import parse_graphs, read_graphs
@@ -41,13 +42,12 @@ logger = logging.getLogger(__name__)
 
 WAIT_POLL = 0.05  # how often wait() re-reads an execution hosted elsewhere
 
-# CPython makes every thread that waits for the GIL wake up each switch
-# interval (5 ms by default) to ask for it. A runtime has one thread per
-# execution, and a stop makes thousands runnable at once: at 11,111 threads a
-# plain pykka cascade then spends minutes in the kernel (measured: 196 s at
-# 5 ms, 5.5 s at 50 ms; see the README). Our threads block after a few
-# microseconds of work, so a longer interval costs them nothing; it delays
-# only a CPU-bound user block's preemption.
+# A GIL switch interval for programs that run thousands of threads (such as
+# the benchmark's plain-pykka floor, one ThreadingActor per execution): there,
+# CPython's default 5 ms makes a stop of 11,111 threads spend minutes in the
+# kernel (measured: 196 s at 5 ms, 5.5 s at 50 ms). The runtime itself does
+# not need it: its actors share a dispatcher's few threads, so by default it
+# leaves the interpreter's setting alone.
 SWITCH_INTERVAL = 0.05
 
 
@@ -61,11 +61,13 @@ class Runtime:
         max_running_per_graph: running roots per (user, graph) pair.
         max_depth: deepest level a child may run at (a root is at depth 0).
         block_workers: threads for user blocks (built-in blocks use none).
+        actor_threads: threads that run the execution actors' turns; every
+            actor of this runtime shares them (see actors/dispatch.py).
         failure_timeout: how long a failing execution waits for its running
             work to end before terminating it anyway.
         switch_interval: raise the interpreter's GIL switch interval to at
-            least this many seconds (process-wide; see SWITCH_INTERVAL);
-            None leaves it alone.
+            least this many seconds (process-wide; see SWITCH_INTERVAL).
+            The default, None, leaves it alone.
 
     Raises:
         DatabaseError: the database cannot be opened or migrated.
@@ -73,10 +75,12 @@ class Runtime:
 
     def __init__(self, database: str | None = None, *, max_running_per_user: int | None = None,
                  max_running_per_graph: int | None = None, max_depth: int = 32,
-                 block_workers: int = 32, failure_timeout: float = 15.0,
-                 switch_interval: float | None = SWITCH_INTERVAL) -> None:
+                 block_workers: int = 32, failure_timeout: float = 15.0, actor_threads: int = 2,
+                 switch_interval: float | None = None) -> None:
         if not isinstance(max_depth, int) or isinstance(max_depth, bool) or max_depth < 0:
             raise InvalidInput(f"max_depth must be a non-negative integer, not {max_depth!r}")
+        if not isinstance(actor_threads, int) or isinstance(actor_threads, bool) or actor_threads < 1:
+            raise InvalidInput(f"actor_threads must be a positive integer, not {actor_threads!r}")
         self._admission = Admission(max_running_per_user, max_running_per_graph)
         if switch_interval is not None and sys.getswitchinterval() < switch_interval:
             sys.setswitchinterval(switch_interval)
@@ -91,6 +95,7 @@ class Runtime:
                                           pid=os.getpid(), at=utcnow()))
         self._host = Host(
             store=self._store, runtime_id=self.runtime_id, timers=Timers(),
+            dispatcher=Dispatcher(actor_threads),
             pool=concurrent.futures.ThreadPoolExecutor(block_workers, thread_name_prefix="actorgraph-block"),
             blocks=dict(BUILTIN_BLOCKS), graphs={}, max_depth=max_depth,
             failure_timeout=failure_timeout, live=LiveActors(), on_ended=self._on_ended)
@@ -148,11 +153,12 @@ class Runtime:
         admitted = self._admission.try_admit(user_id, graph_id)
         now = utcnow()
         try:
+            # A new root's row depends on nothing queued (see Writer.write).
             self._store.write(InsertExecution(
                 id=identity.execution_id, graph_id=graph_id, user_id=user_id,
                 status=ExecutionStatus.RUNNING if admitted else ExecutionStatus.QUEUED,
                 parent_id=None, depth=0, runtime_id=self.runtime_id, created_at=now,
-                started_at=now if admitted else None, inputs_json=inputs_json))
+                started_at=now if admitted else None, inputs_json=inputs_json), independent=True)
         except Exception:
             if admitted:
                 self._release(user_id, graph_id)
@@ -355,6 +361,7 @@ class Runtime:
             logger.warning("runtime %s closed with %d executions still live", self.runtime_id,
                            len(self._host.live))
         self._host.timers.close()
+        self._host.dispatcher.close()
         # Blocks stuck in uncooperative user code cannot be killed; their
         # records are already terminal and their results will be dropped.
         self._host.pool.shutdown(wait=False, cancel_futures=True)

@@ -15,18 +15,28 @@ from typing import Callable
 
 logger = logging.getLogger(__name__)
 
+# Every this many timers set, cancelled entries are swept out of the heap.
+COMPACT_EVERY = 4096
+
 
 class TimerHandle:
     __slots__ = ("callback", "cancelled")
 
     def __init__(self, callback: Callable[[], None]) -> None:
-        self.callback = callback
+        self.callback: Callable[[], None] | None = callback
         self.cancelled = False
 
     def cancel(self) -> bool:
-        """Cancel; True if the callback had not run yet."""
+        """Cancel; True if the callback had not run yet.
+
+        The callback is dropped at once: a cancelled entry stays in the heap
+        until it is due (a stopped leaf may have slept for an hour), and its
+        closure would keep the whole stopped actor, and through it its
+        ending and its parent's, alive until then.
+        """
         was_pending = not self.cancelled
         self.cancelled = True
+        self.callback = None
         return was_pending
 
 
@@ -36,6 +46,7 @@ class Timers:
         self._sequence = itertools.count()
         self._condition = threading.Condition()
         self._closed = False
+        self._pushes = 0
         self._thread = threading.Thread(target=self._loop, name="actorgraph-timers", daemon=True)
         self._thread.start()
 
@@ -47,6 +58,9 @@ class Timers:
         """
         handle = TimerHandle(callback)
         with self._condition:
+            self._pushes += 1
+            if self._pushes % COMPACT_EVERY == 0:
+                self._drop_cancelled()
             earliest = self._heap[0][0] if self._heap else None
             heapq.heappush(self._heap, (when, -priority, next(self._sequence), handle))
             # Wake the thread only if it now has to fire sooner: a stop arms
@@ -54,6 +68,13 @@ class Timers:
             if earliest is None or when < earliest:
                 self._condition.notify()
         return handle
+
+    def _drop_cancelled(self) -> None:
+        """Under the lock: forget cancelled entries, so cancelling never grows the heap for long."""
+        live = [entry for entry in self._heap if not entry[3].cancelled]
+        if len(live) < len(self._heap):
+            heapq.heapify(live)
+            self._heap = live
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
         return self.call_at(time.monotonic() + max(0.0, delay), callback)
@@ -72,11 +93,12 @@ class Timers:
             handle = self._next_due()
             if handle is None:
                 return
-            if handle.cancelled:
+            callback, handle.callback = handle.callback, None
+            if handle.cancelled or callback is None:
                 continue
             handle.cancelled = True
             try:
-                handle.callback()
+                callback()  # type: ignore[misc]
             except Exception:  # noqa: BLE001 - one bad callback must not stop every timer
                 logger.exception("timer callback failed")
 

@@ -1,18 +1,27 @@
-"""The floor: plain pykka, no database at all.
+"""The floors: the same cascade with no database at all.
 
-A floor tree has one ``ThreadingActor`` per execution of the same shape. On a
-``FloorStop`` an actor asks all its children at once (``ask(block=False)``),
-waits for every reply, stops itself and replies: the same cascade as the
-runtime's stop, minus every write. The runtime's cost above this floor is the
-price of persisting each status before acknowledging it.
+The floor the issue names is plain pykka: one ``ThreadingActor`` per
+execution of the same shape. On a ``FloorStop`` an actor asks all its
+children at once (``ask(block=False)``), waits for every reply, stops itself
+and replies: the same cascade as the runtime's stop, minus every write.
+
+The runtime's actors are not ThreadingActors: they share a dispatcher's
+threads (``actors/dispatch.py``). So a second floor runs the same cascade on
+that actor type, with no database: the runtime's cost above *it* is the
+price of persisting each status before acknowledging it, and the gap between
+the two floors is what sharing threads saves.
 """
 from __future__ import annotations
 
+import gc
+import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import pykka
 
+from actors.dispatch import Dispatcher, PooledActor
 from benchmarks.shapes import Shape
 
 # Bounds every wait on floor actors; a healthy floor needs a fraction of it.
@@ -41,6 +50,45 @@ class FloorNode(pykka.ThreadingActor):
         return True
 
 
+@dataclass(frozen=True)
+class PooledFloorStop:
+    """The pooled floor's stop: a pooled actor must not block its turn, so it replies by callback."""
+
+    on_done: Callable[[], None]
+
+
+class PooledFloorNode(PooledActor):
+    """The same cascade on the runtime's actor type: tell every child, count their replies."""
+
+    def __init__(self, dispatcher: Dispatcher, children: list[pykka.ActorRef]) -> None:
+        super().__init__(dispatcher)
+        self._children = children
+        self._waiting = 0
+        self._lock = threading.Lock()
+        self._on_done: Callable[[], None] | None = None
+
+    def on_receive(self, message: object) -> None:
+        if not isinstance(message, PooledFloorStop):
+            return
+        self._on_done = message.on_done
+        self._waiting = len(self._children)
+        if not self._children:
+            self._finish()
+        for child in self._children:
+            child.tell(PooledFloorStop(on_done=self._child_done))
+
+    def _child_done(self) -> None:
+        with self._lock:
+            self._waiting -= 1
+            last = self._waiting == 0
+        if last:
+            self._finish()
+
+    def _finish(self) -> None:
+        self.stop()
+        self._on_done()  # type: ignore[misc]
+
+
 class BareActor(pykka.ThreadingActor):
     """An actor that does nothing: pykka's own cost of a start and a stop."""
 
@@ -63,6 +111,32 @@ def build_floor_tree(shape: Shape) -> tuple[pykka.ActorRef, list[pykka.ActorRef]
     return build(0), refs
 
 
+def time_pooled_floor_stop(shape: Shape, dispatcher: Dispatcher) -> float:
+    """Build a pooled floor tree of ``shape`` on ``dispatcher`` and time one cascading stop.
+
+    Returns:
+        The duration of the cascade, in seconds.
+    """
+    refs: list[pykka.ActorRef] = []
+
+    def build(depth: int) -> pykka.ActorRef:
+        fan_out = shape.levels[depth] if depth < shape.depth else 0
+        ref = PooledFloorNode.start(dispatcher, [build(depth + 1) for _ in range(fan_out)])
+        refs.append(ref)
+        return ref
+
+    root = build(0)
+    done = threading.Event()
+    gc.collect()
+    started = time.perf_counter()
+    root.tell(PooledFloorStop(on_done=done.set))
+    if not done.wait(FLOOR_TIMEOUT_SECONDS):
+        raise TimeoutError(f"pooled floor tree did not stop within {FLOOR_TIMEOUT_SECONDS}s")
+    elapsed = time.perf_counter() - started
+    _wait_stopped(refs)
+    return elapsed
+
+
 def time_floor_stop(shape: Shape) -> float:
     """Build a floor tree of ``shape`` and time the cascade of one stop from its root.
 
@@ -74,6 +148,7 @@ def time_floor_stop(shape: Shape) -> float:
         The duration of the cascade, in seconds.
     """
     root, refs = build_floor_tree(shape)
+    gc.collect()  # garbage of earlier figures is not this one's to collect
     started = time.perf_counter()
     root.ask(FloorStop(), timeout=FLOOR_TIMEOUT_SECONDS)
     elapsed = time.perf_counter() - started
@@ -83,6 +158,7 @@ def time_floor_stop(shape: Shape) -> float:
 
 def bare_start_stop_rate(actors: int) -> float:
     """Start ``actors`` bare actors, then stop them all; return actors per second."""
+    gc.collect()
     started = time.perf_counter()
     refs = [BareActor.start() for _ in range(actors)]
     pykka.get_all([ref.stop(block=False) for ref in refs], timeout=FLOOR_TIMEOUT_SECONDS)

@@ -35,9 +35,11 @@ def pairwise_ratios(numerators: Sequence[float], denominators: Sequence[float]) 
 class Figure:
     """One figure of the report, measured repetition by repetition.
 
-    ``runtime``, ``floor`` and ``reference`` hold one sample per counted
-    repetition, in the order they ran (floor, runtime, reference, floor, ...),
-    so that the ratio to the floor is taken repetition by repetition.
+    ``runtime``, ``floor``, ``pooled_floor`` and ``reference`` hold one sample
+    per counted repetition, in the order they ran (floor, pooled floor,
+    runtime, reference, floor, ...), so that ratios are taken repetition by
+    repetition. ``floor`` is plain pykka (ThreadingActor); ``pooled_floor``
+    is the runtime's own actor type without a database.
 
     Attributes:
         database: "sqlite" or "postgresql".
@@ -60,6 +62,7 @@ class Figure:
     target_speedup: float | None = None
     runtime: list[float] = field(default_factory=list)
     floor: list[float] = field(default_factory=list)
+    pooled_floor: list[float] = field(default_factory=list)
     reference: list[float] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
@@ -67,6 +70,10 @@ class Figure:
     def ratios(self) -> Summary | None:
         """Runtime over floor, repetition by repetition."""
         return Summary.of(pairwise_ratios(self.runtime, self.floor))
+
+    def persistence_ratios(self) -> Summary | None:
+        """Runtime over the pooled floor (same actor type, no database), repetition by repetition."""
+        return Summary.of(pairwise_ratios(self.runtime, self.pooled_floor))
 
     def speedups(self) -> Summary | None:
         """Reference duration over runtime duration, repetition by repetition."""
@@ -93,11 +100,13 @@ class Figure:
             found = Summary.of(series)
             return found.to_json() if found else None
 
-        ratios, speedups = self.ratios(), self.speedups()
+        ratios, speedups, persistence = self.ratios(), self.speedups(), self.persistence_ratios()
         return {
             "database": self.database, "name": self.name, "executions": self.executions,
             "unit": self.unit, "target": self.target, "verdict": self.verdict(),
             "runtime": summary(self.runtime), "floor": summary(self.floor),
+            "pooled_floor": summary(self.pooled_floor),
+            "ratio_to_pooled_floor": persistence.to_json() if persistence else None,
             "reference": summary(self.reference),
             "ratio_to_floor": ratios.to_json() if ratios else None,
             "speedup_vs_reference": speedups.to_json() if speedups else None,

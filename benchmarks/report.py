@@ -13,7 +13,8 @@ from typing import Any, Sequence
 from benchmarks.measure import Figure, Summary
 
 _HEADERS = ("db", "figure", "n", "runtime min/med/max", "floor min/med/max",
-            "ratio min/med/max", "reference med", "speedup min/med/max", "target", "")
+            "ratio min/med/max", "pooled floor med", "vs pooled med", "reference med",
+            "speedup min/med/max", "target", "")
 
 
 def machine_info(server_versions: dict[str, str]) -> dict[str, Any]:
@@ -49,8 +50,9 @@ def format_header(machine: dict[str, Any], plan_description: str) -> str:
             f"{machine['date']}  {machine['platform']}  {machine['cpu']} x{machine['cpu_count']}\n"
             f"python {machine['python']}  pykka {machine['pykka']}  peewee {machine['peewee']}"
             f"  sqlite {machine['sqlite']}  psycopg2 {machine['psycopg2']}\n"
-            "durations in ms; rates in executions per second; ratio = runtime/floor and"
-            " speedup = reference/runtime, both per repetition")
+            "durations in ms; rates in executions per second; ratio = runtime/floor (plain pykka"
+            " ThreadingActor),\nvs pooled = runtime/pooled floor (the runtime's actor type, no database),"
+            " speedup = reference/runtime; all per repetition")
 
 
 def write_json(path: str, machine: dict[str, Any], plan: dict[str, Any],
@@ -64,11 +66,14 @@ def write_json(path: str, machine: dict[str, Any], plan: dict[str, Any],
 def _row(figure: Figure) -> tuple[str, ...]:
     scale, digits = (1000.0, 1) if figure.unit == "s" else (1.0, 0)
     reference = Summary.of(figure.reference)
+    pooled, persistence = Summary.of(figure.pooled_floor), figure.persistence_ratios()
     return (
         figure.database, figure.name, str(figure.executions),
         _triple(Summary.of(figure.runtime), scale, digits),
         _triple(Summary.of(figure.floor), scale, digits),
         _triple(figure.ratios(), 1.0, 2, "x"),
+        f"{pooled.median * scale:.{digits}f}" if pooled else "-",
+        f"{persistence.median:.2f}x" if persistence else "-",
         f"{reference.median * scale:.{digits}f}" if reference else "-",
         _triple(figure.speedups(), 1.0, 1, "x"),
         figure.target or "-",

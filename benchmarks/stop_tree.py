@@ -4,19 +4,24 @@ For each database (SQLite always, PostgreSQL with ``--postgres URL``) and each
 shape, in a fresh database, every repetition runs in this order:
 
 1. the floor: a plain pykka tree of the same shape cascades a stop, no database;
+   then the pooled floor: the same on the runtime's own actor type;
 2. the runtime: the tree is built through the public API (``rt.load``,
    ``rt.start``), waited for until every row is RUNNING, and ``rt.stop(root)``
    is timed until it returns;
 3. the reference: the same rows are set back to RUNNING with one UPDATE, and
    the recursive asyncio stop is timed on them.
 
-The first repetition of each figure is a warm-up and is not counted. The
+Before each timed section the garbage of earlier sections is collected
+(``gc.collect()``), so that no section pays for another's; what a section
+allocates itself is still collected on its own clock. The first repetition
+of each figure is a warm-up and is not counted. The
 benchmark reports and never fails on a figure: the exit status is 0 unless a
 figure could not be measured at all (an exception, reported with the table).
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import dataclasses
 import gc
@@ -33,7 +38,8 @@ from typing import Any, Iterator, Protocol
 from actors.runtime import SWITCH_INTERVAL
 from benchmarks.database import (
     Observer, describe_url, drop_actorgraph_tables, remove_sqlite_files)
-from benchmarks.floor import bare_start_stop_rate, time_floor_stop
+from actors.dispatch import Dispatcher
+from benchmarks.floor import bare_start_stop_rate, time_floor_stop, time_pooled_floor_stop
 from benchmarks.measure import Figure, proc_status_kib
 from benchmarks.reference import Reference
 from benchmarks.report import format_header, format_table, machine_info, write_json
@@ -43,6 +49,8 @@ USER_ID = "bench"
 STOP_WAIT_TIMEOUT_SECONDS = 60.0
 COMPLETION_TIMEOUT_SECONDS = 60.0
 MEMORY_TARGET_KIB = 100.0
+# The second throughput figure starts roots from this many threads at once.
+CONCURRENT_CALLERS = 4
 
 log = logging.getLogger("benchmarks.stop_tree")
 _PROCESS_STARTED = time.monotonic()
@@ -167,6 +175,7 @@ def build_runtime_tree(rt: Any, observer: Observer, shape: Shape) -> str:
 
 def time_runtime_stop(rt: Any, root: str, shape: Shape, figure: Figure) -> float:
     """Time ``rt.stop(root)`` until it returns; note anything the acknowledgement got wrong."""
+    gc.collect()
     started = time.perf_counter()
     ack = rt.stop(root, user_id=USER_ID, wait_timeout=STOP_WAIT_TIMEOUT_SECONDS)
     elapsed = time.perf_counter() - started
@@ -220,9 +229,10 @@ def run_stop_figure(backend: Backend, shape: Shape, plan: Plan, tally: Connectio
                     bench.stop_both(root)
                     time_floor_stop(shape)
                     continue
-                floor_s, runtime_s, reference_s = bench.repetition()
+                floor_s, pooled_s, runtime_s, reference_s = bench.repetition()
                 if rep >= plan.warmups:
                     figure.floor.append(floor_s)
+                    figure.pooled_floor.append(pooled_s)
                     figure.runtime.append(runtime_s)
                     figure.reference.append(reference_s)
             if reference.errors:
@@ -245,15 +255,20 @@ class StopBench:
     figure: Figure
     tally: ConnectionTally
 
-    def repetition(self) -> tuple[float, float, float]:
-        """Floor, then runtime, then reference on the runtime's rows; their seconds."""
+    def repetition(self) -> tuple[float, float, float, float]:
+        """Floor, pooled floor, runtime, then reference on the runtime's rows; their seconds."""
         floor_s = time_floor_stop(self.shape)
         # The floor's actors have stopped, but their OS threads may still be
         # exiting; building the next tree beside them would measure both.
         _wait_threads_settled(self.figure)
+        dispatcher = Dispatcher()  # as many threads as a Runtime's, by default
+        try:
+            pooled_s = time_pooled_floor_stop(self.shape, dispatcher)
+        finally:
+            dispatcher.close()
         root = build_runtime_tree(self.rt, self.observer, self.shape)
         runtime_s, reference_s = self.stop_both(root)
-        return floor_s, runtime_s, reference_s
+        return floor_s, pooled_s, runtime_s, reference_s
 
     def build_measuring_memory(self) -> tuple[str, Figure]:
         """Build the tree and measure the resident memory it added, per execution."""
@@ -273,6 +288,7 @@ class StopBench:
         reset = self.observer.reset_to_running(root)
         if reset != shape.count:
             _note_once(figure, "check reset", f"{reset} rows reset, expected {shape.count}")
+        gc.collect()
         reference_s = self.reference.time_stop(root)
         check_all(self.observer, root, "TERMINATED", shape.count, figure, "after reference")
         return runtime_s, reference_s
@@ -289,34 +305,56 @@ def memory_figure(database: str, executions: int, before_kib: int, running_kib: 
                          "target_met": per_execution <= MEMORY_TARGET_KIB})
 
 
-def run_throughput_figure(backend: Backend, plan: Plan, tally: ConnectionTally) -> Figure:
-    """Executions started and run to COMPLETED per second, against pykka's bare start+stop."""
+def run_throughput_figures(backend: Backend, plan: Plan, tally: ConnectionTally) -> list[Figure]:
+    """Executions started and run to COMPLETED per second, against pykka's bare start+stop.
+
+    Twice: one caller starting every root in turn (each ``start`` returns
+    after its row's commit), and ``CONCURRENT_CALLERS`` threads sharing the
+    same roots, whose rows then share commits.
+    """
     roots = plan.throughput_roots
-    figure = Figure(backend.name, "start to COMPLETED, one-node roots", roots, unit="exec/s",
-                    target=">= 0.5x pykka start+stop", target_ratio=0.5)
+    target = ">= 0.5x pykka start+stop"
+    figures = [Figure(backend.name, "start to COMPLETED, one-node roots", roots, unit="exec/s",
+                      target=target, target_ratio=0.5),
+               Figure(backend.name, f"same, {CONCURRENT_CALLERS} threads calling start", roots,
+                      unit="exec/s", target=target, target_ratio=0.5)]
     try:
         url = backend.fresh_url("throughput")
-        with open_runtime(url) as rt, Observer(url) as observer:
+        with open_runtime(url) as rt, Observer(url) as observer, \
+                concurrent.futures.ThreadPoolExecutor(CONCURRENT_CALLERS) as callers:
             rt.load(one_node_graph_document())
             for rep in range(plan.warmups + plan.reps):
-                _progress(backend, figure, rep, plan)
-                floor_rate = bare_start_stop_rate(roots)
-                runtime_rate = runtime_completion_rate(rt, roots, figure)
-                tally.sample(observer, None, 1)
-                if rep >= plan.warmups:
-                    figure.floor.append(floor_rate)
-                    figure.runtime.append(runtime_rate)
+                for figure, pool in zip(figures, (None, callers)):
+                    _progress(backend, figure, rep, plan)
+                    floor_rate = bare_start_stop_rate(roots)
+                    runtime_rate = runtime_completion_rate(rt, roots, figure, pool)
+                    tally.sample(observer, None, 1)
+                    if rep >= plan.warmups:
+                        figure.floor.append(floor_rate)
+                        figure.runtime.append(runtime_rate)
             tally.runtime_stats["throughput"] = runtime_stats(rt)
     except Exception as exc:
-        log.debug("figure %s failed", figure.name, exc_info=True)
-        figure.error = f"{type(exc).__name__}: {exc}"
-    return figure
+        log.debug("throughput figures failed", exc_info=True)
+        for figure in figures:
+            figure.error = f"{type(exc).__name__}: {exc}"
+    return figures
 
 
-def runtime_completion_rate(rt: Any, roots: int, figure: Figure) -> float:
-    """Start ``roots`` one-node executions, wait for each to end; return executions per second."""
+def runtime_completion_rate(rt: Any, roots: int, figure: Figure,
+                            callers: concurrent.futures.Executor | None = None) -> float:
+    """Start ``roots`` one-node executions, wait for each to end; return executions per second.
+
+    With ``callers``, the roots are started from its threads at once.
+    """
+    def start(_: int) -> str:
+        return rt.start(ONE_NODE_GRAPH, user_id=USER_ID, inputs={})
+
+    gc.collect()
     started = time.perf_counter()
-    ids = [rt.start(ONE_NODE_GRAPH, user_id=USER_ID, inputs={}) for _ in range(roots)]
+    if callers is None:
+        ids = [start(index) for index in range(roots)]
+    else:
+        ids = list(callers.map(start, range(roots)))
     records = [rt.wait(execution_id, timeout=COMPLETION_TIMEOUT_SECONDS) for execution_id in ids]
     elapsed = time.perf_counter() - started
     not_completed = [r for r in records if str(getattr(r.status, "value", r.status)) != "COMPLETED"]
@@ -345,7 +383,7 @@ def run_backend(backend: Backend, plan: Plan, only: tuple[str, ...] = FIGURES) -
     if "flat" in only:
         figures += run_stop_figure(backend, plan.flat, plan, tally)
     if "throughput" in only:
-        figures.append(run_throughput_figure(backend, plan, tally))
+        figures += run_throughput_figures(backend, plan, tally)
     figures.append(tally.figure(backend.name))
     return figures
 

@@ -112,12 +112,11 @@ class Store:
             raise DatabaseError("this store was opened read-only")
         return self.writer.submit(*ops, after=tuple(after))
 
-    def write(self, *ops: Operation, timeout: float = 60.0) -> list[Any]:
-        """Run ``ops`` in one transaction and wait for the commit."""
-        try:
-            return self.submit(*ops).result(timeout)
-        except TimeoutError as exc:
-            raise DatabaseError(f"the database did not commit within {timeout:.0f}s") from exc
+    def write(self, *ops: Operation, timeout: float = 60.0, independent: bool = False) -> list[Any]:
+        """Run ``ops`` in one transaction and wait for the commit (see Writer.write)."""
+        if self.writer is None:
+            raise DatabaseError("this store was opened read-only")
+        return self.writer.write(*ops, timeout=timeout, independent=independent)
 
     # -- reads ------------------------------------------------------------
 

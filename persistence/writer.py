@@ -1,16 +1,36 @@
-"""The shared write path: one thread, one connection, group commit.
+"""The shared write path: one queue, group commit, a bounded number of connections.
 
 Any number of actors submit operations; the writer takes everything queued,
 runs it in one transaction, commits, and only then resolves each submitter's
 future. A thousand actors writing at once cost one commit, one connection
 and no lock waits, and nobody is told "done" before the data is durable.
+
+Whoever holds the *turn* takes the queue and commits it: the writer thread,
+or a caller of ``write`` that has to wait for its commit anyway (``start``
+inserting a new root, a stop request). Such a caller queues its operations
+like everyone else, then takes the turn itself: if nobody committed them
+meanwhile, it commits everything queued, its own included, on its own
+thread. That saves the hand-off to the writer thread and back, and callers
+that arrive together share one commit (one WAL flush on PostgreSQL): while
+one holds the turn, the others queue up behind it and the next one commits
+them all. Taking the queue and committing it happen under the same lock, so
+batches commit in the order they were queued: a parent's write, queued
+after its children's, never commits before theirs. On SQLite the turn is
+also what keeps two write transactions from meeting SQLite's busy handler,
+which sleeps.
+
+On PostgreSQL a write that depends on nothing queued, and that nothing
+queued depends on (a new root's row), may skip the queue: it commits in a
+transaction of its own beside the writer's, so that its WAL flush overlaps
+the writer's instead of waiting behind it (``independent=True``).
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
-import queue
 import threading
+import time
 from typing import Any, Sequence
 
 import peewee
@@ -25,8 +45,6 @@ logger = logging.getLogger(__name__)
 # How many submissions one transaction may take: enough to batch a whole
 # level of a large tree, small enough to keep each commit short.
 MAX_BATCH = 4096
-
-_CLOSE = object()
 
 
 class _Submission:
@@ -46,12 +64,16 @@ class _Submission:
 
 
 class Writer:
-    """Runs submitted operations in batches on its own thread and connection."""
+    """Runs submitted operations in batches, on its own thread or a combining caller's."""
 
     def __init__(self, database: peewee.Database) -> None:
         self._sql = Dialect(database)
         self._database = database
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._pending: collections.deque[_Submission] = collections.deque()
+        self._queue_changed = threading.Condition(threading.Lock())
+        # Held while a batch is taken from the queue and committed (see the module's doc).
+        self._turn = threading.Lock()
+        self._turn_owner: int | None = None
         self._closed = False
         self.commits = 0
         self._thread = threading.Thread(target=self._loop, name="actorgraph-writer", daemon=True)
@@ -70,46 +92,98 @@ class Writer:
         one of them fails, this one fails too and writes nothing.
         """
         submission = _Submission(ops, after)
-        if self._closed:
-            submission.future.set_exception(DatabaseError("the database writer is closed"))
-        else:
-            self._queue.put(submission)
+        self._enqueue(submission, wake_writer=True)
         return submission.future
+
+    def _enqueue(self, submission: _Submission, *, wake_writer: bool) -> None:
+        with self._queue_changed:
+            if not self._closed:
+                self._pending.append(submission)
+                if wake_writer:
+                    self._queue_changed.notify()
+                return
+        submission.future.set_exception(DatabaseError("the database writer is closed"))
+
+    def write(self, *ops: Operation, timeout: float, independent: bool = False) -> list[Any]:
+        """Queue ``ops`` and wait for their commit, committing the queue on this thread if need be.
+
+        With ``independent`` (``ops`` depend on nothing queued, and nothing
+        queued depends on them), PostgreSQL commits them at once in a
+        transaction of their own.
+        Returns their results in order.
+
+        Raises:
+            DatabaseError: the write failed (nothing of it was written), or
+                it was not committed within ``timeout`` seconds.
+            RuntimeError: called from a commit callback (it would wait for itself).
+        """
+        if self._turn_owner == threading.get_ident():
+            raise RuntimeError("a commit callback must submit, not wait for a write")
+        own = _Submission(ops, ())
+        if independent and not self._sql.is_sqlite:
+            with self._database.connection_context():
+                self._commit([own])
+            return own.future.result()
+        deadline = time.monotonic() + timeout
+        # Queued without waking the writer thread: this thread commits it.
+        self._enqueue(own, wake_writer=False)
+        while not own.future.done():
+            if not self._turn.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise DatabaseError(f"the database did not commit within {timeout:.0f}s")
+            try:
+                if not own.future.done():
+                    with self._database.connection_context():
+                        self._commit_turn()
+            finally:
+                self._turn.release()
+        return own.future.result()
 
     def close(self, timeout: float = 30.0) -> None:
         """Commit what is queued, then stop the thread and release its connection."""
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.put(_CLOSE)
+        with self._queue_changed:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue_changed.notify()
         self._thread.join(timeout)
 
     def _loop(self) -> None:
         self._database.connect(reuse_if_open=True)
         try:
-            while True:
-                batch, closing = self._take_batch()
-                if batch:
-                    self._commit(batch)
-                if closing:
-                    return
+            while self._wait_for_work():
+                with self._turn:
+                    self._commit_turn()
         finally:
             self._database.close()
 
-    def _take_batch(self) -> tuple[list[_Submission], bool]:
-        first = self._queue.get()
-        if first is _CLOSE:
-            return [], True
-        batch = [first]
-        while len(batch) < MAX_BATCH:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is _CLOSE:
-                return batch, True
-            batch.append(item)
-        return batch, False
+    def _wait_for_work(self) -> bool:
+        """Block until something is queued; False once closed with nothing left."""
+        with self._queue_changed:
+            while not self._pending:
+                if self._closed:
+                    return False
+                self._queue_changed.wait()
+            return True
+
+    def _commit_turn(self) -> None:
+        """Holding the turn: commit what is queued (up to MAX_BATCH submissions)."""
+        self._turn_owner = threading.get_ident()
+        try:
+            batch = self._take_batch()
+            if batch:
+                self._commit(batch)
+        finally:
+            self._turn_owner = None
+
+    def _take_batch(self) -> list[_Submission]:
+        """Under the turn: everything queued, up to MAX_BATCH, oldest first."""
+        with self._queue_changed:
+            pending = self._pending
+            if len(pending) <= MAX_BATCH:
+                batch = list(pending)
+                pending.clear()
+                return batch
+            return [pending.popleft() for _ in range(MAX_BATCH)]
 
     def _commit(self, batch: list[_Submission]) -> None:
         batch = [submission for submission in batch if self._dependencies_hold(submission)]
