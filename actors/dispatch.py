@@ -139,29 +139,30 @@ class Mailbox:
         dispatcher.schedule(self)
 
     def run_turn(self) -> None:
+        """Handle up to TURN_MESSAGES messages, then give the thread to the next actor in line."""
         actor = self._actor
         assert actor is not None
         if not actor._started:
             actor._begin()
         for _ in range(TURN_MESSAGES):
-            if actor.actor_stopped.is_set():
-                self._close()
+            envelope = self._next(actor)
+            if envelope is None:
                 return
-            with self._lock:
-                if not self._queue:
-                    self._scheduled = False
-                    return
-                envelope = self._queue.popleft()
             actor._handle_envelope(envelope)
+        if self._next(actor, peek=True) is not None:
+            # More is waiting: go to the back of the line, behind other actors.
+            self._dispatcher.schedule(self)  # type: ignore[union-attr]
+
+    def _next(self, actor: "PooledActor", peek: bool = False) -> Any:
+        """The next message; None ends the turn (the actor stopped, or the mailbox is empty and idle)."""
         if actor.actor_stopped.is_set():
             self._close()
-            return
+            return None
         with self._lock:
             if not self._queue:
                 self._scheduled = False
-                return
-        # More is waiting: go to the back of the line, behind other actors.
-        self._dispatcher.schedule(self)  # type: ignore[union-attr]
+                return None
+            return self._queue[0] if peek else self._queue.popleft()
 
     def _close(self) -> None:
         """The actor stopped: answer everything left, and refuse what comes later."""

@@ -1,10 +1,11 @@
 """The execution actor: one pykka actor per graph execution.
 
-Its thread only moves data and messages: it starts nodes (which run on the
-timers, the worker pool or as child executions), takes their results by
-message, writes through the store's writer without waiting, and answers
-``Stop``. It never runs user code and never blocks on its parent, so a
-``Stop`` is handled as soon as it arrives.
+Its turns (on the runtime's dispatcher, see dispatch.py) only move data and
+messages: it starts nodes (which run on the timers, the worker pool or as
+child executions), takes their results by message, writes through the
+store's writer without waiting, and answers ``Stop``. It never runs user
+code and never blocks on its parent, so a ``Stop`` is handled as soon as it
+arrives.
 """
 from __future__ import annotations
 
@@ -95,7 +96,7 @@ class ExecutionActor(DeferredReplyActor):
         # registered as live and its row is committed.
         self.status = ExecutionStatus.RUNNING if running else ExecutionStatus.QUEUED
         self.started = False
-        self._thread_stopping = False
+        self._stopping = False
         # Set when this execution stops or fails: the spawn gate, and the
         # stop_event user blocks see.
         self.halted = threading.Event()
@@ -132,18 +133,18 @@ class ExecutionActor(DeferredReplyActor):
             raise TypeError(f"execution actor got an unknown message {message!r}")
         finally:
             self._flush()
-            self._stop_thread_if_done()
+            self._stop_if_done()
 
-    def _stop_thread_if_done(self) -> None:
-        """End this actor's thread in its own turn once its final write is queued.
+    def _stop_if_done(self) -> None:
+        """Stop this actor in its own turn once its final write is queued.
 
-        Stopping from the same turn costs no extra wake-up; what is left (the
-        commit and the acknowledgement) runs on the writer thread, and a late
-        Stop finds the ending in ``host.endings``.
+        Stopping from the same turn costs no extra message; what is left (the
+        commit and the acknowledgement) runs on whichever thread commits, and
+        a late Stop finds the ending in ``host.endings``.
         """
-        if self._thread_stopping or self.ending is None or not self.ending.write_queued:
+        if self._stopping or self.ending is None or not self.ending.write_queued:
             return
-        self._thread_stopping = True
+        self._stopping = True
         self.stop()
 
     def on_failure(self, *args: Any) -> None:
@@ -246,7 +247,7 @@ class ExecutionActor(DeferredReplyActor):
 
     def ended(self, status: ExecutionStatus, *, error: str | None, stop_reason: str | None,
               persisted: bool, outputs: dict[str, Any] | None = None) -> None:
-        """Called on the writer thread after the final commit."""
+        """Called on the committing thread (the writer's, or a caller's holding its turn) after the final commit."""
         if not persisted:
             self.log.warning("row was already terminal in the database; %s not written", status.value)
         else:
@@ -261,8 +262,8 @@ class ExecutionActor(DeferredReplyActor):
             self.final = Promise()
         if not self.final.done():
             self.final.set_result(status)
-        if not self._thread_stopping:
-            self._thread_stopping = True
+        if not self._stopping:
+            self._stopping = True
             try:
                 self.stop()  # a tell: the actor answers what is already in its inbox, then ends
             except pykka.ActorDeadError:
@@ -533,7 +534,7 @@ class ExecutionActor(DeferredReplyActor):
 
 
 def answer_for_gone_actor(host: Host, execution_id: str, stop: CascadeStop) -> None:
-    """A stop for an execution whose thread already ended: its ending (or the database) answers."""
+    """A stop for an execution whose actor already stopped: its ending (or the database) answers."""
     ending = host.endings.get(execution_id)
     if ending is None:
         # Its final write committed: its row is terminal, all a stop needs.

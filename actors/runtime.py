@@ -292,7 +292,7 @@ class Runtime:
     # -- bookkeeping ----------------------------------------------------------------------
 
     def _on_ended(self, ended: Ended) -> None:
-        """On the writer thread, after an execution's final commit."""
+        """On the committing thread, after an execution's final commit."""
         identity = ended.identity
         self._host.endings.pop(identity.execution_id, None)
         self._host.live.remove(identity.execution_id)
@@ -304,7 +304,7 @@ class Runtime:
         for root in self._admission.release(user_id, graph_id):
             identity = Identity(execution_id=root.execution_id, parent_id=None, root_id=root.execution_id,
                                 graph_id=root.graph_id, user_id=root.user_id, depth=0)
-            # Not on the writer thread: starting an actor starts a thread.
+            # Not in the commit callback, which holds the writer's turn: keep it short.
             self._host.timers.call_soon(lambda i=identity, r=root: self._spawn_root(i, r.inputs, running=False))
 
     @property

@@ -1,22 +1,22 @@
 """The stop protocol: how an execution ends while work is still running under it.
 
-An ``Ending`` is created on the execution's actor thread when a stop arrives
+An ``Ending`` is created in the execution actor's turn when a stop arrives
 (final status TERMINATED) or a node fails (final status FAILED). From then
 on nothing new starts under the execution, and the ending waits for two
 things: its own running nodes, and every child it sent a ``CascadeStop``.
 
 A child counts as done as soon as its own final write is *queued* with the
-writer. The writer is one FIFO thread, so our write, submitted after it, can
-only commit in the same transaction or a later one; it is also declared to
+writer. The writer's queue is FIFO and committed in order, so our write,
+submitted after it, can only commit in the same transaction or a later one; it is also declared to
 depend on it, so if the child's write fails ours fails too. No reader can
 ever see us terminal while a child is not, and nobody is acknowledged before
 the commit that holds their row: the acknowledgement is sent from the
 writer's commit callback. What this buys: a whole subtree's writes go into
 one or a few transactions instead of one commit per level.
 
-Reports may come from any thread: a node on the actor thread, a child's
-write on the child's thread or the writer's, the deadline on the timer
-thread. The last one submits our write. No thread ever blocks on another.
+Reports may come from any thread: a node in the actor's turn, a child's
+write in the child's turn or on the committing thread, the deadline on the
+timer thread. The last one submits our write. No thread ever blocks on another.
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ class Ending:
         self._write_listeners: list[Callable[[Promise], None]] = []
         self._deadline_timer: Any = None
 
-    # -- on the actor thread ----------------------------------------------
+    # -- in the actor's turn ----------------------------------------------
 
     def begin(self, running_nodes: Iterable[str], live_children: Iterable[str],
               ended_children: Iterable[str], queued_only: bool = False) -> None:
@@ -197,7 +197,7 @@ class Ending:
         write.add_done_callback(self._committed)
 
     def _committed(self, write: Promise) -> None:
-        """On the writer thread, right after the commit: acknowledge, then let the actor go.
+        """On the committing thread, right after the commit: acknowledge, then let the actor go.
 
         Children's writes were queued before ours, so their acknowledgements
         (run from the same or an earlier commit) are already in ``_acks``.
@@ -223,7 +223,7 @@ class Ending:
         elif not own_moved:
             already_final.insert(0, own_id)
         # Acknowledge first (this may run the parent's acknowledgement too),
-        # then let the actor go: its thread's teardown is not on the way up.
+        # then let the actor go: its teardown is not on the way up.
         # A child forced at the deadline may still report before our commit:
         # each id is listed once.
         self.result.set_result(StopAck(

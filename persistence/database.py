@@ -20,7 +20,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_URL = "sqlite:///actorgraph.db"
 
-# One connection for the writer thread, a few for readers (API calls from
+# One connection for the writer thread, a few for readers and for callers
+# that commit their own writes (API calls from
 # user threads, the stop poller, the heartbeat). More readers than this wait
 # for a free connection, up to POOL_WAIT seconds, instead of opening more.
 MAX_CONNECTIONS = 8

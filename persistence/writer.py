@@ -27,11 +27,12 @@ the writer's instead of waiting behind it (``independent=True``).
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import peewee
 
@@ -121,7 +122,9 @@ class Writer:
             raise RuntimeError("a commit callback must submit, not wait for a write")
         own = _Submission(ops, ())
         if independent and not self._sql.is_sqlite:
-            with self._database.connection_context():
+            if self._closed:
+                raise DatabaseError("the database writer is closed")
+            with self._connection():
                 self._commit([own])
             return own.future.result()
         deadline = time.monotonic() + timeout
@@ -132,11 +135,24 @@ class Writer:
                 raise DatabaseError(f"the database did not commit within {timeout:.0f}s")
             try:
                 if not own.future.done():
-                    with self._database.connection_context():
+                    with self._connection():
                         self._commit_turn()
             finally:
                 self._turn.release()
         return own.future.result()
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[None]:
+        """A pooled connection for this thread's transaction; failing to get one is a DatabaseError."""
+        try:
+            context = self._database.connection_context()
+            context.__enter__()
+        except peewee.PeeweeException as exc:
+            raise DatabaseError(f"cannot connect to write: {exc}") from exc
+        try:
+            yield
+        finally:
+            context.__exit__(None, None, None)
 
     def close(self, timeout: float = 30.0) -> None:
         """Commit what is queued, then stop the thread and release its connection."""
@@ -249,7 +265,8 @@ def _group_key(op: Operation) -> Any:
 
 
 def _resolve(future: Promise[list[Any]], result: list[Any]) -> None:
-    # Done-callbacks run here, on the writer thread; the promise logs (and
+    # Done-callbacks run here, on the committing thread, still holding the
+    # turn (so they run in commit order); the promise logs (and
     # contains) any exception they raise.
     future.set_result(result)
 
