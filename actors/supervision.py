@@ -7,8 +7,9 @@ things: its own running nodes, and every child it sent a ``CascadeStop``.
 
 A child counts as done as soon as its own final write is *queued* with the
 writer. The writer's queue is FIFO and committed in order, so our write,
-submitted after it, can only commit in the same transaction or a later one; it is also declared to
-depend on it, so if the child's write fails ours fails too. No reader can
+submitted after it, can only commit in the same transaction or a later
+one; it is also declared to depend on it, so if the child's write fails
+ours fails too. No reader can
 ever see us terminal while a child is not, and nobody is acknowledged before
 the commit that holds their row: the acknowledgement is sent from the
 writer's commit callback. What this buys: a whole subtree's writes go into

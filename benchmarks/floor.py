@@ -93,8 +93,14 @@ class BareActor(pykka.ThreadingActor):
     """An actor that does nothing: pykka's own cost of a start and a stop."""
 
 
-def build_floor_tree(shape: Shape) -> tuple[pykka.ActorRef, list[pykka.ActorRef]]:
-    """Start one ``FloorNode`` per execution of ``shape``, leaves first.
+def build_floor_tree(shape: Shape, start: Callable[[list[pykka.ActorRef]], pykka.ActorRef] = FloorNode.start,
+                     ) -> tuple[pykka.ActorRef, list[pykka.ActorRef]]:
+    """Start one floor actor per execution of ``shape``, leaves first.
+
+    Args:
+        shape: the tree to build.
+        start: starts one actor, given its children's references
+            (default: a plain-pykka ``FloorNode``).
 
     Returns:
         The root's reference and the references of every actor of the tree.
@@ -103,8 +109,7 @@ def build_floor_tree(shape: Shape) -> tuple[pykka.ActorRef, list[pykka.ActorRef]
 
     def build(depth: int) -> pykka.ActorRef:
         fan_out = shape.levels[depth] if depth < shape.depth else 0
-        children = [build(depth + 1) for _ in range(fan_out)]
-        ref = FloorNode.start(children)
+        ref = start([build(depth + 1) for _ in range(fan_out)])
         refs.append(ref)
         return ref
 
@@ -117,15 +122,7 @@ def time_pooled_floor_stop(shape: Shape, dispatcher: Dispatcher) -> float:
     Returns:
         The duration of the cascade, in seconds.
     """
-    refs: list[pykka.ActorRef] = []
-
-    def build(depth: int) -> pykka.ActorRef:
-        fan_out = shape.levels[depth] if depth < shape.depth else 0
-        ref = PooledFloorNode.start(dispatcher, [build(depth + 1) for _ in range(fan_out)])
-        refs.append(ref)
-        return ref
-
-    root = build(0)
+    root, refs = build_floor_tree(shape, lambda children: PooledFloorNode.start(dispatcher, children))
     done = threading.Event()
     gc.collect()
     started = time.perf_counter()
