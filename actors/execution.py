@@ -4,8 +4,14 @@ Its turns (on the runtime's dispatcher, see dispatch.py) only move data and
 messages: it starts nodes (which run on the timers, the worker pool or as
 child executions), takes their results by message, writes through the
 store's writer without waiting, and answers ``Stop``. It never runs user
-code and never blocks on its parent, so a ``Stop`` is handled as soon as it
-arrives.
+code and never blocks, so a ``Stop`` is handled as soon as it arrives.
+
+Every field below is read and written only in this actor's turns. Other
+threads (the writer committing, the timer thread, pool workers) reach it by
+``tell``: commit callbacks and timers send a message, nothing more.
+
+An actor lives until its final status is committed: then it tells its
+parent (``ChildEnded``), answers whoever asked it to stop, and stops.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import pykka
 
@@ -29,15 +35,19 @@ from actors.messages import (
     Begin,
     CascadeStop,
     ChildCommitted,
+    ChildContinues,
     ChildEnded,
+    ChildWriteQueued,
+    DeadlinePassed,
+    FinalCommitted,
     NodeFinished,
-    RetryStop,
     Stop,
     StopAck,
     WriteFailed,
 )
-from actors.supervision import Ending
+from actors.supervision import CHILD_GRACE, Ending
 from persistence import (
+    DatabaseError,
     ExecutionStatus,
     InsertExecution,
     InsertNodes,
@@ -53,9 +63,6 @@ from persistence import (
 )
 
 logger = logging.getLogger(__name__)
-
-# How long a Stop may wait for its stop request to commit before it fails.
-PERSIST_TIMEOUT = 30.0
 
 
 class NodeStatus(enum.Enum):
@@ -77,7 +84,19 @@ class NodeState:
 class ChildState:
     ref: pykka.ActorRef
     node_id: str
+    # Its final status is committed (it told us ChildEnded).
     ended: bool = False
+    # Its final write, once queued: an ending of ours submits after it.
+    final_write: Promise[Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NaturalEnd:
+    """A final write that nobody asked for: every node is done, or the execution failed outright."""
+
+    status: ExecutionStatus
+    outputs: dict[str, Any] | None
+    error: str | None
 
 
 class ExecutionActor(DeferredReplyActor):
@@ -90,62 +109,56 @@ class ExecutionActor(DeferredReplyActor):
         self.inputs = dict(inputs)
         self.graph = host.graphs[identity.graph_id]
         self.parent_ref = parent_ref
+        # The parent's spawn gate: a child never starts once it is set.
         self.parent_halted = parent_halted
         # A root admitted at once is inserted RUNNING; everything else QUEUED.
-        # Either way, nodes start only on Begin, sent once the actor is
-        # registered as live and its row is committed.
+        # Either way, nodes start only on Begin, sent once the row is committed.
         self.status = ExecutionStatus.RUNNING if running else ExecutionStatus.QUEUED
         self.started = False
-        self._stopping = False
         # Set when this execution stops or fails: the spawn gate, and the
         # stop_event user blocks see.
         self.halted = threading.Event()
         self.nodes = {node_id: NodeState() for node_id in self.graph.nodes}
         self.children: dict[str, ChildState] = {}
+        # Children that answered a non-cascading stop by running on.
+        self.continuing: set[str] = set()
         self.outputs: dict[str, Any] = {}
         self.ending: Ending | None = None
-        # Resolved with the final status once it is committed.
-        self.final: Promise[ExecutionStatus] | None = None
+        self.natural: NaturalEnd | None = None
+        # The final write once submitted, and the status once committed.
+        self.final_write: Promise[Any] | None = None
+        self.final_status: ExecutionStatus | None = None
+        # Stops that arrived while a natural final write was in flight.
+        self.stop_waiters: list[Promise[StopAck]] = []
+        # The parent sent us a cascade: it wants our ChildWriteQueued.
+        self.cascaded = False
         self._ops: list[Operation] = []
-        self._after_commit: list[Any] = []
+        self._after_commit: list[tuple[pykka.ActorRef, str]] = []
         self.log = ExecutionLog(logger, identity)
+        self._handlers: dict[type, Callable[[Any], Any]] = {
+            Stop: self._on_stop,
+            CascadeStop: self._on_cascade,
+            NodeFinished: self._on_node_finished,
+            ChildWriteQueued: self._on_child_write_queued,
+            ChildEnded: self._on_child_ended,
+            ChildContinues: self._on_child_continues,
+            Begin: self._on_begin,
+            ChildCommitted: self._on_child_committed,
+            WriteFailed: self._on_write_failed,
+            FinalCommitted: self._on_final_committed,
+            DeadlinePassed: self._on_deadline,
+        }
 
     # -- pykka hooks ------------------------------------------------------
 
     def on_receive(self, message: Any) -> Any:
-        try:
-            if isinstance(message, Stop):
-                return self._on_stop(message)
-            if isinstance(message, CascadeStop):
-                return self._on_cascade(message)
-            if isinstance(message, NodeFinished):
-                return self._on_node_finished(message)
-            if isinstance(message, ChildEnded):
-                return self._on_child_ended(message)
-            if isinstance(message, Begin):
-                return self._on_begin()
-            if isinstance(message, ChildCommitted):
-                return self._on_child_committed(message)
-            if isinstance(message, WriteFailed):
-                return self._fail_execution(f"a database write failed: {message.error}")
-            if isinstance(message, RetryStop):
-                return self._on_retry_stop(message)
+        handler = self._handlers.get(type(message))
+        if handler is None:
             raise TypeError(f"execution actor got an unknown message {message!r}")
+        try:
+            return handler(message)
         finally:
             self._flush()
-            self._stop_if_done()
-
-    def _stop_if_done(self) -> None:
-        """Stop this actor in its own turn once its final write is queued.
-
-        Stopping from the same turn costs no extra message; what is left (the
-        commit and the acknowledgement) runs on whichever thread commits, and
-        a late Stop finds the ending in ``host.endings``.
-        """
-        if self._stopping or self.ending is None or not self.ending.write_queued:
-            return
-        self._stopping = True
-        self.stop()
 
     def on_failure(self, *args: Any) -> None:
         self.log.error("actor failed", exc_info=args)
@@ -157,122 +170,264 @@ class ExecutionActor(DeferredReplyActor):
             raise PermissionDenied(
                 f"user {stop.user_id!r} may not stop execution {self.identity.execution_id}: "
                 "it belongs to another user")
-        if self.final is not None:
-            return self._already_final()
+        own_id = self.identity.execution_id
+        if self.final_status is not None:
+            return Promise.resolved(StopAck(execution_id=own_id, already_final=(own_id,)))
+        if self.natural is not None:
+            # Its final write is in flight: answer once it is committed.
+            waiter: Promise[StopAck] = Promise()
+            self.stop_waiters.append(waiter)
+            return waiter
         if self.ending is not None:
-            # A second stop while one is in progress gets the same answer.
-            return self.ending.result
-        self.log.info("stop requested (cascade=%s): %s", stop.cascade, stop.reason)
-        self._flush()
-        # Persist first: if this process dies mid-stop, recovery still ends
-        # the subtree TERMINATED, because the request is on record.
-        self.host.store.write(
-            RequestStop(execution_id=self.identity.execution_id, reason=stop.reason,
-                        cascade=stop.cascade, at=utcnow()),
-            timeout=PERSIST_TIMEOUT)
-        self._end(ExecutionStatus.TERMINATED, reason=stop.reason,
-                  deadline=time.monotonic() + stop.wait_timeout, queued_only=not stop.cascade)
-        return self.ending.result  # type: ignore[union-attr]
+            return self._join_ending(self.ending, stop)
+        self.log.info("stop requested (cascade=%s, wait_timeout=%s): %s",
+                      stop.cascade, stop.wait_timeout, stop.reason)
+        # On record before the final write (the queue is FIFO): if this
+        # process dies mid-stop, recovery ends the subtree TERMINATED.
+        self._ops.append(RequestStop(execution_id=own_id, reason=stop.reason,
+                                     cascade=stop.cascade, at=utcnow()))
+        ending = self._end(ExecutionStatus.TERMINATED, reason=stop.reason,
+                           deadline=time.monotonic() + stop.wait_timeout, cascade=stop.cascade)
+        return ending.result
+
+    def _join_ending(self, ending: Ending, stop: Stop) -> Promise[StopAck]:
+        """A stop meets an ending in progress: the earlier deadline wins.
+
+        Before the final write is submitted the stops share one ending and
+        one answer. After it, this stop moves nothing: it is answered, after
+        that commit, with the execution in ``already_final``.
+        """
+        own_id = self.identity.execution_id
+        if ending.submitted:
+            return _then(ending.result, StopAck(execution_id=own_id, already_final=(own_id,)))
+        self.log.info("stop joins the ending in progress (%s): %s", ending.status.value, stop.reason)
+        if stop.cascade and not ending.cascade:
+            self._cascade_to_continuing(ending)
+        self._tighten(ending, time.monotonic() + stop.wait_timeout)
+        return ending.result
 
     def _on_cascade(self, stop: CascadeStop) -> None:
-        if self.final is not None:
-            self._already_final().add_done_callback(lambda f: stop.on_ack(f.result()))
+        self.cascaded = True
+        if self.final_status is not None:
+            return  # our ChildEnded is already in the parent's mailbox
+        if self.final_write is not None:
+            self._tell_parent(ChildWriteQueued(child_id=self.identity.execution_id, write=self.final_write))
             return
-        if self.ending is None:
-            if stop.queued_only and self.status is not ExecutionStatus.QUEUED:
-                # A non-cascading stop above: a started child runs on to its own end.
-                stop.on_ack(StopAck(execution_id=self.identity.execution_id))
-                return
-            self._end(ExecutionStatus.TERMINATED, reason=stop.reason, deadline=stop.deadline)
-        ending = self.ending
-        assert ending is not None
-        if stop.on_queued is not None:
-            ending.on_write_queued(stop.on_queued)
-        ending.result.add_done_callback(lambda f: f.exception() is None and stop.on_ack(f.result()))
-
-    def _already_final(self) -> Promise[StopAck]:
-        """Already terminal (or its final write is in flight): acknowledge after that commit."""
-        ack = StopAck(execution_id=self.identity.execution_id,
-                      already_final=(self.identity.execution_id,))
-        if self.final is None or self.final.done():
-            return Promise.resolved(ack)
-        answer: Promise[StopAck] = Promise()
-        self.final.add_done_callback(lambda _: answer.set_result(ack))
-        return answer
+        if self.ending is not None:
+            if not stop.queued_only and not self.ending.cascade:
+                self._cascade_to_continuing(self.ending)
+            self._tighten(self.ending, stop.deadline)
+            return
+        if stop.queued_only and self.started:
+            # A non-cascading stop above us: a started child runs on to its own end.
+            self.cascaded = False
+            self._tell_parent(ChildContinues(child_id=self.identity.execution_id))
+            return
+        self._end(ExecutionStatus.TERMINATED, reason=stop.reason, deadline=stop.deadline)
 
     def _end(self, status: ExecutionStatus, *, reason: str, deadline: float,
-             error: str | None = None, queued_only: bool = False) -> None:
-        """Close the spawn gate and hand the rest of the way to an ``Ending``."""
+             error: str | None = None, cascade: bool = True) -> Ending:
+        """Close the spawn gate, interrupt what runs, and wait for the rest as an ``Ending``."""
         self.halted.set()
         self._flush()
-        self.ending = Ending(self, status=status, reason=reason, deadline=deadline, error=error)
-        self.host.endings[self.identity.execution_id] = self.ending
-        # An agent node ends with its child's acknowledgement, so the ending
-        # waits for it as a child, not as a node. With queued_only (a stop
-        # that does not cascade) running children are acknowledged at once
-        # and run on; only a child that has not started yet is stopped.
-        running = [n for n, state in self.nodes.items()
+        ending = Ending(self.identity.execution_id, status=status, reason=reason, deadline=deadline,
+                        error=error, cascade=cascade)
+        self.ending = ending
+        # An agent node ends with its child, so the ending waits for it as a
+        # child, not as a node.
+        running = [node_id for node_id, state in self.nodes.items()
                    if state.status is NodeStatus.RUNNING and not isinstance(state.handle, str)]
-        live = [c for c, child in self.children.items() if not child.ended]
-        ended = [c for c, child in self.children.items() if child.ended]
-        self.ending.begin(running, live, ended, queued_only=queued_only)
+        ending.wait_for((node_id for node_id in running if not self._interrupt_node(node_id)), ())
+        for child_id, child in self.children.items():
+            if child.ended:
+                ending.child_already_final(child_id)
+                continue
+            ending.wait_for((), (child_id,))
+            if child.final_write is not None:
+                ending.child_write_queued(child_id, child.final_write)
+            else:
+                # With a stop that does not cascade, only a child that has not
+                # started yet ends (queued_only); a started one answers
+                # ChildContinues and runs on.
+                self._tell_child(child, CascadeStop(reason=reason, deadline=deadline, queued_only=not cascade))
+        if deadline <= time.monotonic():
+            self._force_nodes(ending)
+        else:
+            self._arm(ending, deadline, grace=False)
+        self._maybe_submit()
+        return ending
 
-    def interrupt_node(self, node_id: str) -> bool:
+    def _cascade_to_continuing(self, ending: Ending) -> None:
+        """A cascading stop joins a non-cascading one: children that ran on are stopped too."""
+        ending.cascade = True
+        for child_id in sorted(self.continuing):
+            child = self.children[child_id]
+            if not child.ended:
+                ending.wait_for((), (child_id,))
+                self._tell_child(child, CascadeStop(reason=ending.reason, deadline=ending.deadline))
+        self.continuing.clear()
+
+    def _tighten(self, ending: Ending, deadline: float) -> None:
+        """Another stop with an earlier deadline: it wins, for this execution and its pending children."""
+        if deadline >= ending.deadline:
+            return
+        ending.deadline = deadline
+        if ending.timer is not None:
+            ending.timer.cancel()
+        for child_id in ending.pending_children:
+            self._tell_child(self.children[child_id], CascadeStop(reason=ending.reason, deadline=deadline))
+        if deadline <= time.monotonic():
+            self._force_nodes(ending)
+        else:
+            self._arm(ending, deadline, grace=False)
+        self._maybe_submit()
+
+    def _arm(self, ending: Ending, deadline: float, *, grace: bool) -> None:
+        """Have the timer thread tell us when the deadline (or the grace after it) passes.
+
+        Deeper executions fire first among timers due at the same instant,
+        so children force their work before their parents look.
+        """
+        message = DeadlinePassed(deadline=deadline, grace=grace)
+        when = deadline + CHILD_GRACE if grace else deadline
+        ending.timer = self.host.timers.call_at(when, lambda: self._tell_self(message),
+                                                priority=self.identity.depth)
+
+    def _on_deadline(self, message: DeadlinePassed) -> None:
+        ending = self.ending
+        if ending is None or ending.submitted or message.deadline != ending.deadline:
+            return  # stale: a tighter deadline replaced it, or we are done
+        if message.grace:
+            self.log.warning("children %s did not end %.1fs after the deadline; writing their subtrees",
+                             sorted(ending.pending_children), CHILD_GRACE)
+            ending.force_children()
+        else:
+            self._force_nodes(ending)
+        self._maybe_submit()
+
+    def _force_nodes(self, ending: Ending) -> None:
+        """At the deadline: own work still running is terminated anyway; its late results are dropped."""
+        for node_id in ending.pending_nodes:
+            state = self.nodes[node_id]
+            state.status = NodeStatus.DONE
+            if state.handle is not None and not isinstance(state.handle, concurrent.futures.Future):
+                state.handle.cancel()
+        ending.force_nodes()
+        if ending.pending_children:
+            self._arm(ending, ending.deadline, grace=True)
+
+    def _interrupt_node(self, node_id: str) -> bool:
         """Stop a running node at once if it can be; True if it is over."""
         state = self.nodes[node_id]
         handle = state.handle
-        if handle is None:
-            return True
+        over = True
         if isinstance(handle, concurrent.futures.Future):
-            return handle.cancel()  # only if the pool had not started it
-        if state.ignore_stop:
-            return False
-        handle.cancel()
-        return True
+            over = handle.cancel()  # only if the pool had not started it
+        elif handle is not None:
+            if state.ignore_stop:
+                over = False
+            else:
+                handle.cancel()
+        if over:
+            state.status = NodeStatus.DONE
+        return over
 
-    def tell_child(self, child_id: str, message: Any) -> None:
-        try:
-            self.children[child_id].ref.tell(message)
-        except pykka.ActorDeadError:
-            if isinstance(message, CascadeStop):
-                answer_for_gone_actor(self.host, child_id, message)
+    def _maybe_submit(self) -> None:
+        """Once nothing is pending, queue the final write after the children's."""
+        ending = self.ending
+        if ending is None or not ending.ready_to_submit():
+            return
+        if ending.timer is not None:
+            ending.timer.cancel()
+            ending.timer = None
+        self._flush()
+        final = ending.final_write()
+        self._submit_final(final.ops, final.after)
 
-    def ending_failed(self, ending: Ending, error: BaseException) -> None:
-        """The final write failed: the error reaches the caller; a later stop may retry."""
-        self.log.error("final write failed: %s", error)
-        try:
-            self.actor_ref.tell(RetryStop(ending=ending))
-        except pykka.ActorDeadError:
-            pass
+    def _submit_final(self, ops: Iterable[Operation], after: Iterable[Promise[Any]] = ()) -> None:
+        write = self.host.store.submit(*ops, after=tuple(after))
+        self.final_write = write
+        write.add_done_callback(self._final_write_done)
+        if self.cascaded:
+            self._tell_parent(ChildWriteQueued(child_id=self.identity.execution_id, write=write))
 
-    def ended(self, status: ExecutionStatus, *, error: str | None, stop_reason: str | None,
-              persisted: bool, outputs: dict[str, Any] | None = None) -> None:
-        """Called on the committing thread (the writer's, or a caller's holding its turn) after the final commit."""
-        if not persisted:
-            self.log.warning("row was already terminal in the database; %s not written", status.value)
+    def _final_write_done(self, write: Promise[Any]) -> None:
+        """On the committing thread: only a message to ourselves."""
+        error = write.exception()
+        if error is not None:
+            self._tell_self(FinalCommitted(error=str(error)))
         else:
-            self.log.info("ended %s", status.value)
+            self._tell_self(FinalCommitted(results=tuple(write.result())))
+
+    def _on_final_committed(self, message: FinalCommitted) -> None:
+        ending = self.ending
+        if ending is not None:
+            self._ending_committed(ending, message)
+            return
+        natural = self.natural
+        assert natural is not None
+        if message.error is not None:
+            self.log.error("final write (%s) failed: %s", natural.status.value, message.error)
+            self.natural, self.final_write = None, None
+            waiters, self.stop_waiters = self.stop_waiters, []
+            ending = self._fail_execution(f"its final write failed: {message.error}")
+            for waiter in waiters:
+                _forward(ending.result if ending else None, waiter)
+            return
+        if not message.results[-1]:
+            self.log.warning("row was already terminal in the database; %s not written", natural.status.value)
+        own_id = self.identity.execution_id
+        self._ended(natural.status, outputs=natural.outputs, error=natural.error, stop_reason=None,
+                    ack=StopAck(execution_id=own_id, already_final=(own_id,)))
+
+    def _ending_committed(self, ending: Ending, message: FinalCommitted) -> None:
+        if message.error is not None:
+            # Not written (the writer retries a database that is away, so
+            # this is an error that retrying cannot fix). The caller hears
+            # it; the execution stays halted, and a later stop starts over.
+            self.log.error("final write (%s) failed: %s", ending.status.value, message.error)
+            self.ending, self.final_write = None, None
+            ending.result.set_exception(DatabaseError(
+                f"execution {self.identity.execution_id} could not be written {ending.status.value}: "
+                f"{message.error}"))
+            return
+        ending.committed(message.results)
+        if not ending.persisted:
+            self.log.warning("row was already terminal in the database; %s not written", ending.status.value)
+        self._maybe_acknowledge()
+
+    def _maybe_acknowledge(self) -> None:
+        ending = self.ending
+        if ending is None or not ending.ready_to_acknowledge():
+            return
+        stopped = ending.status is ExecutionStatus.TERMINATED
+        self._ended(ending.status, outputs=None, error=ending.error,
+                    stop_reason=ending.reason if stopped else None, ack=ending.acknowledgement())
+
+    def _ended(self, status: ExecutionStatus, *, outputs: dict[str, Any] | None, error: str | None,
+               stop_reason: str | None, ack: StopAck) -> None:
+        """Committed and acknowledged: tell everyone who listens, then stop this actor."""
+        self.final_status = status
+        own_id = self.identity.execution_id
+        self.log.info("ended %s", status.value)
         self.host.on_ended(Ended(identity=self.identity, status=status, outputs=outputs,
                                  error=error, stop_reason=stop_reason))
-        # A parent that is itself ending hears of us through our acknowledgement.
-        if self.parent_ref is not None and not self.parent_halted.is_set():  # type: ignore[union-attr]
-            _tell(self.parent_ref, ChildEnded(child_id=self.identity.execution_id, status=status,
-                                              outputs=outputs, error=error, stop_reason=stop_reason))
-        if self.final is None:
-            self.final = Promise()
-        if not self.final.done():
-            self.final.set_result(status)
-        if not self._stopping:
-            self._stopping = True
-            try:
-                self.stop()  # a tell: the actor answers what is already in its inbox, then ends
-            except pykka.ActorDeadError:
-                pass
+        self._tell_parent(ChildEnded(child_id=own_id, status=status, outputs=outputs, error=error,
+                                     stop_reason=stop_reason, ack=ack))
+        if self.ending is not None:
+            self.ending.result.set_result(ack)
+        already_final = StopAck(execution_id=own_id, already_final=(own_id,))
+        for waiter in self.stop_waiters:
+            waiter.set_result(already_final)
+        self.stop_waiters = []
+        # A tell: what is already in our inbox is answered first (the
+        # Dispatcher answers anything later with ActorDeadError).
+        self.stop()
 
     # -- starting -------------------------------------------------------------
 
-    def _on_begin(self) -> None:
-        if self.started or self.ending is not None or self.final is not None:
+    def _on_begin(self, _: Begin) -> None:
+        if self.started or self.ending is not None or self.final_write is not None:
             return
         if self.parent_halted is not None and self.parent_halted.is_set():
             # The parent is stopping: never start; its cascade will end us.
@@ -285,7 +440,7 @@ class ExecutionActor(DeferredReplyActor):
                                             target=ExecutionStatus.RUNNING, at=utcnow()))
         self._start_nodes(self.graph.roots)
 
-    def _start_nodes(self, node_ids: Any) -> None:
+    def _start_nodes(self, node_ids: Iterable[str]) -> None:
         """Start ready nodes; inline ones may make more nodes ready, handled here too."""
         ready = list(node_ids)
         while ready and not self.halted.is_set():
@@ -387,27 +542,45 @@ class ExecutionActor(DeferredReplyActor):
     def _on_node_finished(self, message: NodeFinished) -> None:
         state = self.nodes[message.node_id]
         if state.status is not NodeStatus.RUNNING:
-            return
-        if self.ending is not None or self.final is not None:
-            # Late result of work cut short by a stop: discarded.
+            return  # the late result of work a stop already cut short
+        if self.ending is not None:
             state.status = NodeStatus.DONE
-            if self.ending is not None:
-                self.ending.node_ended(message.node_id)
+            self.ending.node_ended(message.node_id)
+            self._maybe_submit()
             return
         if message.error is not None:
             self._fail_node(message.node_id, message.error)
             return
         self._start_nodes(self._deliver(message.node_id, message.outputs or {}))
 
+    def _on_child_write_queued(self, message: ChildWriteQueued) -> None:
+        child = self.children.get(message.child_id)
+        if child is None:
+            return
+        child.final_write = message.write
+        if self.ending is not None:
+            self.ending.child_write_queued(message.child_id, message.write)
+            self._maybe_submit()
+
+    def _on_child_continues(self, message: ChildContinues) -> None:
+        self.continuing.add(message.child_id)
+        if self.ending is not None:
+            self.ending.child_gone(message.child_id)
+            self._maybe_submit()
+
     def _on_child_ended(self, message: ChildEnded) -> None:
         child = self.children.get(message.child_id)
         if child is None:
             return
         child.ended = True
-        if self.ending is not None or self.final is not None:
-            return  # our own stop counts the child through its acknowledgement
+        self.continuing.discard(message.child_id)
+        if self.ending is not None:
+            self.ending.child_ended(message)
+            self._maybe_submit()
+            self._maybe_acknowledge()
+            return
         state = self.nodes[child.node_id]
-        if state.status is not NodeStatus.RUNNING:
+        if self.final_write is not None or state.status is not NodeStatus.RUNNING:
             return
         if message.status is ExecutionStatus.COMPLETED:
             self._start_nodes(self._deliver(child.node_id, {"outputs": message.outputs or {}}))
@@ -420,14 +593,21 @@ class ExecutionActor(DeferredReplyActor):
                                            f"{message.stop_reason}")
 
     def _on_child_committed(self, message: ChildCommitted) -> None:
+        """The insert of a child's row failed: the child never existed."""
         child = self.children.get(message.child_id)
-        if child is None or message.error is None:
+        if child is None:
             return
         child.ended = True
         child.ref.stop(block=False)
         self.host.live.remove(message.child_id)
-        if self.ending is None and self.final is None:
+        if self.ending is not None:
+            self.ending.child_gone(message.child_id)
+            self._maybe_submit()
+        else:
             self._fail_node(child.node_id, f"could not create child execution: {message.error}")
+
+    def _on_write_failed(self, message: WriteFailed) -> None:
+        self._fail_execution(f"a database write failed: {message.error}")
 
     def _deliver(self, node_id: str, outputs: Mapping[str, Any], recorded: bool = False) -> list[str]:
         """Mark a node done and pass its outputs along its links; return newly ready nodes."""
@@ -449,7 +629,7 @@ class ExecutionActor(DeferredReplyActor):
         return ready
 
     def _maybe_complete(self) -> None:
-        if self.status is not ExecutionStatus.RUNNING or self.ending is not None or self.final is not None:
+        if self.status is not ExecutionStatus.RUNNING or self.ending is not None or self.final_write is not None:
             return
         if any(state.status is not NodeStatus.DONE for state in self.nodes.values()):
             return
@@ -458,25 +638,12 @@ class ExecutionActor(DeferredReplyActor):
         except TypeError as exc:
             self._fail_execution(f"outputs cannot be stored: {exc}")
             return
-        self._finish(ExecutionStatus.COMPLETED, MoveExecutions(
-            ids=(self.identity.execution_id,), target=ExecutionStatus.COMPLETED, at=utcnow(),
-            outputs_json=outputs_json))
-
-    def _finish(self, status: ExecutionStatus, final_op: MoveExecutions) -> None:
-        """Natural end (nothing runs any more): one write, then tell whoever listens."""
-        self.final = Promise()
-        self._ops.append(final_op)
-        outputs = dict(self.outputs)
-
-        def committed(write: Promise) -> None:
-            if write.exception() is not None:
-                self.log.error("final write failed: %s", write.exception())
-                self.final.set_exception(write.exception())  # type: ignore[union-attr]
-                return
-            persisted = bool(write.result()[-1])
-            self.ended(status, error=final_op.error, stop_reason=None, persisted=persisted, outputs=outputs)
-
-        self._flush(committed)
+        self.natural = NaturalEnd(status=ExecutionStatus.COMPLETED, outputs=dict(self.outputs), error=None)
+        # This turn's writes (the last nodes' rows) and the final row: one submission.
+        ops, self._ops = self._ops, []
+        ops.append(MoveExecutions(ids=(self.identity.execution_id,), target=ExecutionStatus.COMPLETED,
+                                  at=utcnow(), outputs_json=outputs_json))
+        self._submit_final(ops)
 
     # -- failure -------------------------------------------------------------------
 
@@ -488,17 +655,17 @@ class ExecutionActor(DeferredReplyActor):
                                        target=ExecutionStatus.FAILED, at=utcnow(), error=message))
         self._fail_execution(f"node {node_id!r} ({node.block}) failed: {message}")
 
-    def _fail_execution(self, error: str) -> None:
-        """Terminate what still runs under us first, then write FAILED."""
-        if self.ending is not None or self.final is not None:
-            return
+    def _fail_execution(self, error: str) -> Ending | None:
+        """Terminate what still runs under us first (up to failure_timeout), then write FAILED."""
+        if self.ending is not None or self.final_write is not None:
+            return self.ending
         self.log.info("failing: %s", error)
-        self._end(ExecutionStatus.FAILED, reason=f"execution {self.identity.execution_id} failed",
-                  deadline=time.monotonic() + self.host.failure_timeout, error=error)
+        return self._end(ExecutionStatus.FAILED, reason=f"execution {self.identity.execution_id} failed",
+                         deadline=time.monotonic() + self.host.failure_timeout, error=error)
 
     # -- plumbing ---------------------------------------------------------------------
 
-    def _flush(self, on_commit: Any = None) -> None:
+    def _flush(self) -> None:
         """Submit this turn's writes as one unit, without waiting for the commit."""
         if not self._ops:
             return
@@ -507,12 +674,10 @@ class ExecutionActor(DeferredReplyActor):
         write = self.host.store.submit(*ops)
         if begins:
             write.add_done_callback(lambda w: self._children_committed(w, begins))
-        if on_commit is not None:
-            write.add_done_callback(on_commit)
-        elif self.final is None:
-            write.add_done_callback(self._check_write)
+        write.add_done_callback(self._check_write)
 
-    def _children_committed(self, write: Promise, children: list) -> None:
+    def _children_committed(self, write: Promise[Any], children: list[tuple[pykka.ActorRef, str]]) -> None:
+        """On the committing thread: tell each new child to begin (or ourselves that it could not)."""
         error = write.exception()
         for ref, child_id in children:
             if error is None:
@@ -520,29 +685,54 @@ class ExecutionActor(DeferredReplyActor):
             else:
                 self._tell_self(ChildCommitted(child_id=child_id, error=str(error)))
 
-    def _check_write(self, write: Promise) -> None:
-        if write.exception() is not None:
-            self.log.error("write failed: %s", write.exception())
-            self._tell_self(WriteFailed(error=str(write.exception())))
+    def _check_write(self, write: Promise[Any]) -> None:
+        error = write.exception()
+        if error is not None:
+            self.log.error("write failed: %s", error)
+            self._tell_self(WriteFailed(error=str(error)))
 
     def _tell_self(self, message: Any) -> None:
         _tell(self.actor_ref, message)
 
-    def _on_retry_stop(self, message: RetryStop) -> None:
-        if self.ending is message.ending:
-            self.ending = None
+    def _tell_parent(self, message: Any) -> None:
+        if self.parent_ref is not None:
+            _tell(self.parent_ref, message)
+
+    def _tell_child(self, child: ChildState, message: Any) -> None:
+        # A child whose actor already stopped has its ChildEnded in our
+        # mailbox: the ending keeps waiting for it, and it comes.
+        _tell(child.ref, message)
 
 
-def answer_for_gone_actor(host: Host, execution_id: str, stop: CascadeStop) -> None:
-    """A stop for an execution whose actor already stopped: its ending (or the database) answers."""
-    ending = host.endings.get(execution_id)
-    if ending is None:
-        # Its final write committed: its row is terminal, all a stop needs.
-        stop.on_ack(StopAck(execution_id=execution_id, already_final=(execution_id,)))
+def _then(promise: Promise[Any], value: StopAck) -> Promise[StopAck]:
+    """A promise of ``value`` once ``promise`` settles (its error, if it failed)."""
+    answer: Promise[StopAck] = Promise()
+
+    def settle(done: Promise[Any]) -> None:
+        error = done.exception()
+        if error is not None:
+            answer.set_exception(error)
+        else:
+            answer.set_result(value)
+
+    promise.add_done_callback(settle)
+    return answer
+
+
+def _forward(source: Promise[StopAck] | None, target: Promise[StopAck]) -> None:
+    """Settle ``target`` as ``source`` settles."""
+    if source is None:
+        target.set_exception(DatabaseError("the execution ended without an acknowledgement"))
         return
-    if stop.on_queued is not None:
-        ending.on_write_queued(stop.on_queued)
-    ending.result.add_done_callback(lambda f: f.exception() is None and stop.on_ack(f.result()))
+
+    def settle(done: Promise[StopAck]) -> None:
+        error = done.exception()
+        if error is not None:
+            target.set_exception(error)
+        else:
+            target.set_result(done.result())
+
+    source.add_done_callback(settle)
 
 
 def _tell(ref: pykka.ActorRef, message: Any) -> None:

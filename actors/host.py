@@ -23,7 +23,7 @@ from persistence import ExecutionStatus, Store
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Ended:
-    """What a finished execution tells the runtime (after its final commit)."""
+    """What a finished execution tells the runtime (after its final commit, in its actor's turn)."""
 
     identity: Identity
     status: ExecutionStatus
@@ -88,8 +88,5 @@ class Host:
     max_depth: int
     failure_timeout: float
     live: LiveActors
+    # Called in an execution actor's last turn, after its final commit.
     on_ended: Callable[[Ended], None]
-    # Endings in progress, by execution id: an actor may end its thread as
-    # soon as its final write is queued, and a late Stop still gets the
-    # same acknowledgement from here.
-    endings: dict[str, Any] = dataclasses.field(default_factory=dict)

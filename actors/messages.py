@@ -1,14 +1,17 @@
 """Messages between actors: frozen, keyword-only dataclasses.
 
 ``Stop`` and ``StopAck`` are public: any holder of an execution's ActorRef
-may ``ask(Stop(...))`` and gets a ``StopAck``. The rest are internal.
+may ``ask(Stop(...))`` and gets a ``StopAck``. The rest are internal. They
+carry data only: the way down the supervision tree (``CascadeStop``) and the
+way back up (``ChildWriteQueued``, ``ChildEnded``, ``ChildContinues``) are
+messages into the other actor's mailbox, never callbacks into its code.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
-from persistence import ExecutionStatus
+from persistence import ExecutionStatus, Promise
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -21,7 +24,8 @@ class Stop:
             lets its running children finish on their own.
         reason: stored in ``stop_reason``.
         wait_timeout: seconds the whole tree has to wind down before running
-            work is terminated anyway (listed in ``StopAck.forced``).
+            work is terminated anyway (listed in ``StopAck.forced``); 0 forces
+            everything at once.
     """
 
     user_id: str
@@ -35,9 +39,11 @@ class StopAck:
     """The answer to a ``Stop``, sent only after every write it reports was committed.
 
     Attributes:
-        execution_id: the execution the stop was sent to.
+        execution_id: the execution the stop was sent to; it is always listed
+            in ``terminated`` or in ``already_final``.
         terminated: executions of the subtree this stop moved to TERMINATED.
-        already_final: executions it found terminal and left alone.
+        already_final: executions it found terminal, or that ended otherwise
+            (completed, or failed by a concurrent failure), and left alone.
         forced: executions whose running work did not end before the deadline
             and that were terminated anyway (their late results are discarded).
     """
@@ -48,25 +54,80 @@ class StopAck:
     forced: tuple[str, ...] = ()
 
 
+# -- down the tree -------------------------------------------------------------
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CascadeStop:
     """A stop travelling down the supervision tree (parent to child).
 
+    The child answers with ``ChildWriteQueued`` then ``ChildEnded``, as every
+    child does when it ends, or with ``ChildContinues`` when ``queued_only``
+    leaves it running.
+
     Attributes:
         reason: the stop reason of the stop that started the cascade.
         deadline: ``time.monotonic()`` by which the whole tree must be terminal.
-        on_ack: called with the child's ``StopAck`` once its writes committed.
-        on_queued: called with the future of the child's final write as soon
-            as it is queued; the parent's own write may follow it at once.
+            A child already ending keeps the earlier of its deadline and this.
         queued_only: True for a non-cascading stop: only a child that has not
             started yet ends, so that nothing starts under a stopped parent.
     """
 
     reason: str
     deadline: float
-    on_ack: Callable[[StopAck], None]
-    on_queued: Callable[[Any], None] | None = None
     queued_only: bool = False
+
+
+# -- up the tree ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ChildWriteQueued:
+    """A child's final write is queued with the writer (child to parent).
+
+    A parent that is ending queues its own write after it, declared to depend
+    on it: the writer's queue is FIFO, so the parent's row commits in the same
+    transaction as the child's or a later one, and not at all if the child's
+    failed.
+
+    Attributes:
+        child_id: the child.
+        write: the future of the child's final write (resolved by the writer).
+    """
+
+    child_id: str
+    write: Promise[Any]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ChildEnded:
+    """A child's terminal status is committed (child to parent).
+
+    Attributes:
+        child_id: the child.
+        status: its terminal status.
+        outputs: its outputs, when it completed.
+        error: why it failed, when it did.
+        stop_reason: why it was stopped, when it was.
+        ack: what its end did to its own subtree, for the parent's ``StopAck``.
+    """
+
+    child_id: str
+    status: ExecutionStatus
+    outputs: dict[str, Any] | None
+    error: str | None
+    stop_reason: str | None
+    ack: StopAck
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ChildContinues:
+    """A started child answers a non-cascading stop: it runs on to its own end."""
+
+    child_id: str
+
+
+# -- to oneself ----------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -81,17 +142,6 @@ class NodeFinished:
     node_id: str
     outputs: dict[str, Any] | None = None
     error: str | None = None
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ChildEnded:
-    """A child execution reached a terminal status on its own (committed)."""
-
-    child_id: str
-    status: ExecutionStatus
-    outputs: dict[str, Any] | None
-    error: str | None
-    stop_reason: str | None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -110,7 +160,21 @@ class WriteFailed:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RetryStop:
-    """The final write of ``ending`` failed: a later stop may start over."""
+class FinalCommitted:
+    """The writer's answer to this execution's final write.
 
-    ending: Any
+    Attributes:
+        results: the results of its operations, in order, when it committed.
+        error: why it was not written, when it was not.
+    """
+
+    results: tuple[Any, ...] = ()
+    error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DeadlinePassed:
+    """The timer: the ending's deadline passed (``grace`` says which one)."""
+
+    deadline: float
+    grace: bool = False

@@ -12,16 +12,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from actors.errors import InvalidInput, StopTimeout
 from actors.messages import Stop, StopAck
 from persistence import (
+    DatabaseError,
     ExecutionRecord,
     ExecutionStatus,
     Heartbeat,
     NotFound,
     PermissionDenied,
+    Promise,
     RequestStop,
     Store,
     TerminateSubtree,
@@ -56,8 +58,10 @@ def stop_execution(database: str | None, execution_id: str, user_id: str, *, cas
 
 
 def check_wait_timeout(wait_timeout: object) -> None:
-    if not isinstance(wait_timeout, (int, float)) or isinstance(wait_timeout, bool) or not wait_timeout > 0:
-        raise InvalidInput(f"wait_timeout must be a positive number of seconds, not {wait_timeout!r}")
+    """A number of seconds >= 0 (0: force everything at once), else InvalidInput."""
+    if (not isinstance(wait_timeout, (int, float)) or isinstance(wait_timeout, bool)
+            or not 0 <= wait_timeout < float("inf")):
+        raise InvalidInput(f"wait_timeout must be a number of seconds >= 0, not {wait_timeout!r}")
 
 
 def owned_record(store: Store, execution_id: str, user_id: str) -> ExecutionRecord:
@@ -133,13 +137,19 @@ class StopWatcher:
 
     def _loop(self) -> None:
         next_heartbeat = 0.0
+        heartbeat: Promise[Any] | None = None
         while not self._closed.is_set():
             try:
-                if time.monotonic() >= next_heartbeat:
-                    self._store.submit(Heartbeat(runtime_id=self._runtime_id, at=utcnow()))
+                # One heartbeat in flight at a time: while the database is
+                # away they would only pile up in the writer's queue.
+                if time.monotonic() >= next_heartbeat and (heartbeat is None or heartbeat.done()):
+                    heartbeat = self._store.submit(Heartbeat(runtime_id=self._runtime_id, at=utcnow()))
                     next_heartbeat = time.monotonic() + HEARTBEAT_EVERY
                 for execution_id, user_id, cascade, reason in self._store.pending_stops(self._runtime_id):
                     self._on_request(execution_id, user_id, cascade, reason)
+            except DatabaseError as exc:
+                # The reads already retried; the outage is logged once, by them.
+                logger.debug("stop watcher poll failed (runtime %s): %s", self._runtime_id, exc)
             except Exception:  # noqa: BLE001 - keep watching; the next poll may succeed
                 logger.exception("stop watcher poll failed (runtime %s)", self._runtime_id)
             self._notices.wait(POLL_INTERVAL)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import socket
@@ -9,23 +10,25 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Literal, Mapping, overload
 
 import pykka
 
 from actors.admission import Admission, QueuedRoot
 from actors.blocks import BUILTIN_BLOCKS, user_block
 from actors.dispatch import Dispatcher
-from actors.errors import InvalidGraph, InvalidInput
-from actors.execution import PERSIST_TIMEOUT, ExecutionActor
+from actors.errors import InvalidGraph, InvalidInput, StopTimeout
+from actors.execution import ExecutionActor
 from actors.graphs import parse_graphs, read_graphs
 from actors.host import Ended, Host, LiveActors
 from actors.logs import Identity
 from actors.messages import Begin, Stop, StopAck
 from actors.reader import Reader
 from actors.remote import StopWatcher, check_wait_timeout, owned_record, stop_elsewhere
+from actors.supervision import CHILD_GRACE
 from actors.timers import Timers
 from persistence import (
+    DatabaseError,
     ExecutionRecord,
     ExecutionStatus,
     InsertExecution,
@@ -35,12 +38,20 @@ from persistence import (
     Store,
     UnregisterRuntime,
     dumps,
+    forget_runtime,
     utcnow,
 )
 
 logger = logging.getLogger(__name__)
 
 WAIT_POLL = 0.05  # how often wait() re-reads an execution hosted elsewhere
+
+# Beyond a stop's wait_timeout (and the grace a parent gives children that
+# are forcing their work), how long its commits may take while the database
+# answers, before the stop reports StopTimeout.
+COMMIT_SLACK = 10.0
+# A commit trying this long counts as a database that does not answer.
+DATABASE_PATIENCE = 0.5
 
 # A GIL switch interval for programs that run thousands of threads (such as
 # the benchmark's plain-pykka floor, one ThreadingActor per execution): there,
@@ -217,13 +228,30 @@ class Runtime:
 
     # -- stopping -------------------------------------------------------------------
 
+    @overload
+    def stop(self, execution_id: str, user_id: str, wait_timeout: float = ..., cascade: bool = ...,
+             block: Literal[True] = ..., reason: str = ...) -> StopAck: ...
+
+    @overload
+    def stop(self, execution_id: str, user_id: str, wait_timeout: float = ..., cascade: bool = ...,
+             *, block: Literal[False], reason: str = ...) -> pykka.Future[StopAck]: ...
+
     def stop(self, execution_id: str, user_id: str, wait_timeout: float = 15.0, cascade: bool = True,
-             block: bool = True, reason: str = "stopped by user") -> StopAck | pykka.Future:
+             block: bool = True, reason: str = "stopped by user") -> StopAck | pykka.Future[StopAck]:
         """Stop an execution and (by default) its whole subtree.
 
         Returns the StopAck once every write it reports is committed, or with
-        ``block=False`` a pykka Future of it. Raises NotFound, PermissionDenied
-        (nothing changes anywhere), StopTimeout (another process did not end it).
+        ``block=False`` a pykka Future of it. ``wait_timeout`` is how long
+        running work may take to wind down; 0 forces everything at once.
+
+        Raises:
+            InvalidInput: ``wait_timeout`` is negative or not a number.
+            NotFound, PermissionDenied: nothing changes anywhere.
+            DatabaseError: the database did not answer within ``wait_timeout``.
+                The subtree is halted in memory (nothing in it starts, running
+                blocks see ``stop_event``) and is written TERMINATED when the
+                database answers, without another call.
+            StopTimeout: another process did not end it in time.
         """
         check_wait_timeout(wait_timeout)
         stop = Stop(user_id=user_id, cascade=cascade, reason=reason, wait_timeout=float(wait_timeout))
@@ -232,37 +260,88 @@ class Runtime:
             # Hosted here: the actor checks the user itself (PermissionDenied).
             ack = self._stop_live(execution_id, ref, stop)
             if ack is not None:
-                return ack
+                return self._stop_abandoned(ack, stop)
         record = owned_record(self._store, execution_id, user_id)
         if block:
             return self._stop(record, stop)
-        future = pykka.ThreadingFuture()
+        future: pykka.ThreadingFuture[StopAck] = pykka.ThreadingFuture()
         threading.Thread(target=_settle, args=(future, self._stop, record, stop), daemon=True,
                          name=f"actorgraph-stop-{execution_id[:8]}").start()
         return future
 
     def _stop_live(self, execution_id: str, ref: pykka.ActorRef, stop: Stop) -> StopAck | None:
-        """Ask the live actor; None if it is gone with nothing in progress (the database answers)."""
+        """Ask the live actor; None if it is gone (its row is final: the database answers)."""
         try:
-            return ref.ask(stop, timeout=stop.wait_timeout + PERSIST_TIMEOUT)
+            answer = ref.ask(stop, block=False)
         except pykka.ActorDeadError:
-            ending = self._host.endings.get(execution_id)
-            if ending is not None:  # its thread ended with its write queued
-                return ending.result.result(timeout=stop.wait_timeout + PERSIST_TIMEOUT)
             return None
+        return self._await_ack(execution_id, answer, stop)
+
+    def _await_ack(self, execution_id: str, answer: pykka.Future[StopAck], stop: Stop) -> StopAck | None:
+        """Wait for a live actor's StopAck: up to ``wait_timeout``, then as long as the database answers."""
+        deadline = time.monotonic() + stop.wait_timeout
+        give_up = deadline + CHILD_GRACE + COMMIT_SLACK
+        while True:
+            now = time.monotonic()
+            try:
+                return answer.get(timeout=max(0.0, deadline - now) if now < deadline else WAIT_POLL)
+            except pykka.Timeout:
+                pass
+            except pykka.ActorDeadError:
+                return None
+            now = time.monotonic()
+            if now >= deadline and self._store.database_away(DATABASE_PATIENCE):
+                raise DatabaseError(
+                    f"the database does not answer: execution {execution_id} is halted (nothing in its "
+                    f"subtree starts, running blocks see stop_event), and the stop will complete when the "
+                    f"database answers: its rows are then written TERMINATED without another call")
+            if now >= give_up:
+                raise StopTimeout(f"execution {execution_id} did not acknowledge its stop "
+                                  f"{give_up - deadline + stop.wait_timeout:.0f}s after it was sent")
+
+    def _stop_abandoned(self, ack: StopAck, stop: Stop) -> StopAck:
+        """A cascading stop that found its execution already final: stop what still runs under it.
+
+        A stop that did not cascade lets started children run on under a
+        terminal parent. A later cascading stop of that parent must reach
+        them too, so it looks in the database for active descendants and
+        stops the top of each active subtree.
+        """
+        if not stop.cascade or ack.execution_id not in ack.already_final:
+            return ack
+        acks = [ack]
+        for top in self._active_tops(ack.execution_id):
+            ref = self._host.live.get(top)
+            answer = self._stop_live(top, ref, stop) if ref is not None else None
+            if answer is None:
+                answer = self._stop(owned_record(self._store, top, stop.user_id), stop)
+            acks.append(answer)
+        if len(acks) == 1:
+            return ack
+        return StopAck(
+            execution_id=ack.execution_id,
+            terminated=tuple(dict.fromkeys(i for a in acks for i in a.terminated)),
+            already_final=tuple(dict.fromkeys(i for a in acks for i in a.already_final)),
+            forced=tuple(dict.fromkeys(i for a in acks for i in a.forced)))
+
+    def _active_tops(self, execution_id: str) -> list[str]:
+        """Active descendants whose parent is terminal: where each abandoned subtree starts."""
+        rows = self._store.subtree(execution_id)
+        active = {row["id"] for row in rows if not ExecutionStatus(row["status"]).is_terminal}
+        return [row["id"] for row in rows if row["id"] in active and row["parent_id"] not in active]
 
     def _stop(self, record: ExecutionRecord, stop: Stop) -> StopAck:
         ref = self._host.live.get(record.id)
         if ref is not None:
             ack = self._stop_live(record.id, ref, stop)
             if ack is not None:
-                return ack
+                return self._stop_abandoned(ack, stop)
         queued = self._admission.remove(record.id)
         if queued is not None:
             return self._stop_queued(queued, stop)
         current = self._store.get(record.id)
         if current is not None and current.status.is_terminal:
-            return StopAck(execution_id=record.id, already_final=(record.id,))
+            return self._stop_abandoned(StopAck(execution_id=record.id, already_final=(record.id,)), stop)
         return stop_elsewhere(self._store, record, stop)
 
     def _stop_queued(self, root: QueuedRoot, stop: Stop) -> StopAck:
@@ -292,9 +371,8 @@ class Runtime:
     # -- bookkeeping ----------------------------------------------------------------------
 
     def _on_ended(self, ended: Ended) -> None:
-        """On the committing thread, after an execution's final commit."""
+        """In the execution actor's last turn, after its final commit."""
         identity = ended.identity
-        self._host.endings.pop(identity.execution_id, None)
         self._host.live.remove(identity.execution_id)
         self._watched.discard(identity.execution_id)
         if identity.parent_id is None:
@@ -333,31 +411,33 @@ class Runtime:
             raise InvalidInput("this runtime is closed")
 
     def close(self, timeout: float = 15.0) -> None:
-        """Stop every live execution (cascading), then release threads and the database."""
+        """Stop every live execution (cascading), then release threads and the database.
+
+        Bounded even when the database is away: after ``timeout`` the
+        runtime gives up on it, and the executions it could not write stay
+        active in their rows, owned by this (now closed) runtime. The next
+        runtime opened on the database, or ``run.py stop``, recovers them.
+        """
         with self._close_lock:
             if self._closed:
                 return
             self._closed = True
         self._watcher.close()
-        reason = "runtime closed"
+        deadline = time.monotonic() + timeout
+        stop = Stop(user_id="", reason="runtime closed", wait_timeout=timeout)
         pending = []
         for identity, ref in self._host.live.tops():
             try:
-                pending.append(ref.ask(Stop(user_id=identity.user_id, reason=reason, wait_timeout=timeout),
-                                       block=False))
+                pending.append(ref.ask(dataclasses.replace(stop, user_id=identity.user_id), block=False))
             except pykka.ActorDeadError:
                 pass
         for root in self._admission.queued():
             if self._admission.remove(root.execution_id) is not None:
-                self._stop_queued(root, Stop(user_id=root.user_id, reason=reason))
+                self._close_queued(root, stop)
         for future in pending:
-            try:
-                future.get(timeout=timeout + PERSIST_TIMEOUT)
-            except pykka.ActorDeadError:
-                continue  # it ended on its own meanwhile
-            except Exception as exc:  # noqa: BLE001 - keep closing; say what was left
-                logger.warning("runtime %s: a stop during close failed: %s", self.runtime_id, exc)
-        if not self._host.live.wait_empty(timeout):
+            self._await_close(future, deadline)
+        self._host.live.wait_empty(max(0.0, deadline - time.monotonic()))
+        if len(self._host.live):
             logger.warning("runtime %s closed with %d executions still live", self.runtime_id,
                            len(self._host.live))
         self._host.timers.close()
@@ -365,11 +445,52 @@ class Runtime:
         # Blocks stuck in uncooperative user code cannot be killed; their
         # records are already terminal and their results will be dropped.
         self._host.pool.shutdown(wait=False, cancel_futures=True)
-        try:
-            self._store.write(UnregisterRuntime(runtime_id=self.runtime_id))
-        finally:
-            self._store.close()
+        self._release_database()
         logger.info("runtime %s closed", self.runtime_id)
+
+    def _close_queued(self, root: QueuedRoot, stop: Stop) -> None:
+        try:
+            self._stop_queued(root, dataclasses.replace(stop, user_id=root.user_id))
+        except DatabaseError as exc:
+            logger.warning("runtime %s: queued root %s could not be written TERMINATED: %s",
+                           self.runtime_id, root.execution_id, exc)
+
+    def _await_close(self, future: pykka.Future[StopAck], deadline: float) -> None:
+        """Wait for one stop of close(): until ``deadline``, then only while the database answers."""
+        give_up = deadline + CHILD_GRACE + COMMIT_SLACK
+        while True:
+            now = time.monotonic()
+            try:
+                future.get(timeout=max(deadline - now, WAIT_POLL))
+                return
+            except pykka.Timeout:
+                pass
+            except pykka.ActorDeadError:
+                return  # it ended on its own meanwhile
+            except Exception as exc:  # noqa: BLE001 - keep closing; say what was left
+                logger.warning("runtime %s: a stop during close failed: %s", self.runtime_id, exc)
+                return
+            now = time.monotonic()
+            if now >= give_up or (now >= deadline and self._store.database_away(DATABASE_PATIENCE)):
+                return
+
+    def _release_database(self) -> None:
+        """Unregister and close the store; if the database is away, leave a trail for recovery."""
+        away = self._store.database_away(DATABASE_PATIENCE)
+        if not away:
+            try:
+                self._store.write(UnregisterRuntime(runtime_id=self.runtime_id), timeout=COMMIT_SLACK)
+            except DatabaseError as exc:
+                logger.warning("runtime %s could not unregister: %s", self.runtime_id, exc)
+                away = True
+        if away:
+            # Our runtime row stays; this process's next runtime treats it
+            # as gone at once, any other process once its heartbeat is stale.
+            forget_runtime(self.runtime_id)
+            logger.warning("runtime %s closes while the database is unavailable: executions it could "
+                           "not write stay active in the database until the next runtime or "
+                           "run.py stop recovers them", self.runtime_id)
+        self._store.close(drain_timeout=1.0 if away else 30.0)
 
 
 def _settle(future: pykka.ThreadingFuture, fn: Callable[..., StopAck], *args: Any) -> None:

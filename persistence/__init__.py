@@ -15,7 +15,7 @@ from persistence.errors import (
 from persistence.records import ExecutionRecord, NodeRecord, dumps
 from persistence.schema import LATEST_VERSION, current_version
 from persistence.status import ACTIVE, TERMINAL, TRANSITIONS, ExecutionStatus, can_transition, sources_of
-from persistence.store import Store, is_gone, pid_alive
+from persistence.store import Store, forget_runtime, is_gone, pid_alive
 from persistence.writes import (
     Heartbeat,
     InsertExecution,
@@ -39,6 +39,7 @@ __all__ = [
     "Store", "Promise", "Operation", "InsertExecution", "MoveExecutions", "InsertNodes", "NodeRow", "MoveNodes",
     "RequestStop", "TerminateSubtree", "RegisterRuntime", "Heartbeat", "UnregisterRuntime",
     "LATEST_VERSION", "current_version", "default_url", "redact", "utcnow", "is_gone", "pid_alive",
+    "forget_runtime",
     # Errors
     "ActorGraphError", "NotFound", "PermissionDenied", "DatabaseError", "TransitionRejected",
 ]

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 from typing import Any
 from urllib.parse import urlparse
 
 import peewee
+import psycopg2
 from playhouse.pool import PooledPostgresqlDatabase, PooledSqliteDatabase
 
 from persistence.errors import DatabaseError
@@ -27,13 +29,35 @@ DEFAULT_URL = "sqlite:///actorgraph.db"
 MAX_CONNECTIONS = 8
 POOL_WAIT = 30.0
 
+# A connection must notice a dead server or a broken network on its own:
+# a connect gives up after 5 s, and TCP keepalives plus tcp_user_timeout end
+# a connection whose peer stopped answering within about 10 s, so that the
+# writer retries on a new one instead of waiting forever on the old one.
+PG_CONNECTION_PARAMS: dict[str, Any] = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,
+}
+
+# SQLSTATE classes of errors that a later attempt may not meet: connection
+# exceptions (08), operator intervention such as a shutdown or a server still
+# starting (57), insufficient resources (53), and transaction rollbacks such as
+# serialization failures and deadlocks (40).
+TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57")
+
 # WAL lets readers run beside the one writer; synchronous=NORMAL is durable
 # against a crash of the process (not of the machine) and keeps commits cheap;
 # the busy timeout covers the rare writer from another process (run.py stop).
+# A lock held longer than that is an outage like a server away: the writer
+# retries (see is_transient), so the timeout only bounds one attempt.
+SQLITE_BUSY_MS = 5_000
 SQLITE_PRAGMAS = (
     ("journal_mode", "wal"),
     ("foreign_keys", 1),
-    ("busy_timeout", 30_000),
+    ("busy_timeout", SQLITE_BUSY_MS),
     ("synchronous", "normal"),
 )
 
@@ -124,7 +148,7 @@ def _postgresql(parsed: Any) -> PostgresqlDatabase:
     name = parsed.path.lstrip("/")
     if not name:
         raise DatabaseError(f"PostgreSQL URL {redact(parsed.geturl())!r} must name a database")
-    params: dict[str, Any] = {"connect_timeout": 5}
+    params: dict[str, Any] = dict(PG_CONNECTION_PARAMS)
     if parsed.hostname:
         params["host"] = parsed.hostname
     if parsed.port:
@@ -149,6 +173,30 @@ def redact(url: str) -> str:
     if parsed.password:
         return url.replace(f":{parsed.password}@", ":***@")
     return url
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database was unavailable, rather than that the work was wrong.
+
+    Such a failure is retried: every write is guarded by status, so running
+    it again after a connection broke mid-commit changes nothing twice.
+    Anything else (a constraint, a bad statement, a bad URL) is not.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, psycopg2.InterfaceError):
+            return True  # "connection already closed"
+        if isinstance(cause, psycopg2.OperationalError):
+            code = getattr(cause, "pgcode", None)
+            return code is None or code[:2] in TRANSIENT_SQLSTATE_CLASSES
+        if isinstance(cause, sqlite3.OperationalError):
+            text = str(cause).lower()
+            return "locked" in text or "busy" in text
+        # peewee keeps the driver's error as ``orig``.
+        cause = getattr(cause, "orig", None) or cause.__cause__ or cause.__context__
+    return False
 
 
 def first_line(exc: BaseException) -> str:

@@ -4,16 +4,22 @@ On PostgreSQL a dedicated connection LISTENs on ``actorgraph_stop``; the
 ``RequestStop`` write NOTIFYs it at commit, so the hosting runtime reacts at
 once. SQLite has no such channel: ``wait`` simply times out, and the caller
 polls. Either way the caller polls too, so a lost notice costs one interval.
+
+When the LISTEN connection breaks (a server restart, a network cut), the
+listener polls meanwhile and reconnects with a bounded backoff.
 """
 from __future__ import annotations
 
 import logging
 import select
 import threading
+import time
+from typing import Any
 
-import peewee
+import psycopg2
 
 from persistence.database import connect_params
+from persistence.outage import Backoff, Outage
 
 logger = logging.getLogger(__name__)
 
@@ -21,25 +27,31 @@ CHANNEL = "actorgraph_stop"
 
 
 class StopNotices:
-    def __init__(self, database: peewee.Database | None) -> None:
+    def __init__(self, database: Any | None) -> None:
         self._closed = threading.Event()
-        self._connection = None
-        if database is not None:
-            self._connection = self._listen(database)
+        self._params = connect_params(database) if database is not None else None
+        self._connection: Any = None
+        self._outage = Outage(logger, "stop listener (LISTEN)")
+        self._backoff = Backoff()
+        self._next_attempt = 0.0
+        if self._params is not None:
+            self._connect()
 
-    @staticmethod
-    def _listen(database: peewee.Database):  # type: ignore[no-untyped-def]
-        import psycopg2
-
+    def _connect(self) -> None:
+        """Open the LISTEN connection; on failure, try again after a backoff."""
         try:
-            connection = psycopg2.connect(**connect_params(database))
+            connection = psycopg2.connect(**self._params)  # type: ignore[arg-type]
             connection.autocommit = True
             with connection.cursor() as cursor:
                 cursor.execute(f"LISTEN {CHANNEL}")
-            return connection
         except psycopg2.Error as exc:
-            logger.warning("LISTEN unavailable, falling back to polling: %s", exc)
-            return None
+            self._outage.failed(exc)
+            self._next_attempt = time.monotonic() + self._backoff.next_delay()
+            return
+        self._connection = connection
+        self._backoff.reset()
+        if self._outage.active:
+            self._outage.succeeded()
 
     @property
     def listening(self) -> bool:
@@ -48,6 +60,9 @@ class StopNotices:
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for a notice; True if one (or more) arrived."""
+        if self._connection is None and self._params is not None and not self._closed.is_set() \
+                and time.monotonic() >= self._next_attempt:
+            self._connect()
         connection = self._connection
         if connection is None:
             self._closed.wait(timeout)
@@ -60,11 +75,12 @@ class StopNotices:
             arrived = bool(connection.notifies)
             connection.notifies.clear()
             return arrived
-        except Exception as exc:  # noqa: BLE001 - a broken listener degrades to polling
+        except Exception as exc:  # noqa: BLE001 - a broken listener polls until it reconnects
             if self._closed.is_set():
                 return False
-            logger.warning("LISTEN connection failed, falling back to polling: %s", exc)
+            self._outage.failed(exc)
             self._drop()
+            self._next_attempt = time.monotonic() + self._backoff.next_delay()
             return False
 
     def close(self) -> None:

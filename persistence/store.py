@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from typing import Any, Callable, Iterable, TypeVar
 
 import peewee
@@ -20,6 +21,7 @@ from persistence import database as databases
 from persistence.dialect import Dialect, marks, utcnow
 from persistence.errors import DatabaseError
 from persistence.notifications import StopNotices
+from persistence.outage import Backoff, Outage
 from persistence.promise import Promise
 from persistence.records import ExecutionRecord, NodeRecord, loads
 from persistence.schema import LATEST_VERSION, current_version, ensure_schema
@@ -39,6 +41,21 @@ _RECORD_COLUMNS = (
 
 # A runtime on another host is presumed gone when its heartbeat is older than this.
 STALE_AFTER = dt.timedelta(seconds=30)
+
+# How long a read keeps retrying a database that is away before it fails.
+READ_PATIENCE = 5.0
+
+# Runtimes of this process that closed without unregistering (the database
+# was away): their rows are recovered like those of a dead process, by the
+# next runtime of this process, without waiting for their heartbeat to age.
+_CLOSED_RUNTIMES: set[str] = set()
+_CLOSED_LOCK = threading.Lock()
+
+
+def forget_runtime(runtime_id: str) -> None:
+    """Mark a runtime of this process as closed: recovery may end what it left active."""
+    with _CLOSED_LOCK:
+        _CLOSED_RUNTIMES.add(runtime_id)
 
 
 def _translated(method: Callable[..., T]) -> Callable[..., T]:
@@ -63,6 +80,7 @@ class Store:
         self._sql = Dialect(database)
         self.writer = Writer(database) if writable else None
         self.empty = False
+        self._reads = Outage(logger, "database reads")
 
     @classmethod
     def open(cls, url: str | None = None, *, read_only: bool = False) -> "Store":
@@ -98,9 +116,10 @@ class Store:
         """How many database connections this store has opened since it was created."""
         return self._database.connections_opened
 
-    def close(self) -> None:
+    def close(self, drain_timeout: float = 30.0) -> None:
+        """Commit what is queued (for up to ``drain_timeout`` s; see Writer.close), then close."""
         if self.writer is not None:
-            self.writer.close()
+            self.writer.close(drain_timeout)
         self._database.close_all()
 
     # -- writes -----------------------------------------------------------
@@ -121,12 +140,33 @@ class Store:
     # -- reads ------------------------------------------------------------
 
     def _read(self, statement: str, params: Iterable[Any] = ()) -> list[tuple]:
+        """Run a read on a pooled connection, retrying for READ_PATIENCE s while the database is away."""
         if self.empty:
             return []
         if self.writer is not None and self.writer.thread is threading.current_thread():
             raise RuntimeError("the writer thread must not read through the pool")
-        with self._database.connection_context():
-            return self._sql.fetchall(statement, list(params))
+        params = list(params)
+        give_up = time.monotonic() + READ_PATIENCE
+        backoff = Backoff()
+        while True:
+            try:
+                with self._database.connection_context():
+                    rows = self._sql.fetchall(statement, params)
+            except Exception as exc:
+                if not databases.is_transient(exc) or time.monotonic() >= give_up:
+                    raise
+                self._reads.failed(exc)
+                # A restarted server leaves every idle pooled connection dead.
+                self._database.close_idle()
+                time.sleep(backoff.next_delay())
+                continue
+            if self._reads.active:
+                self._reads.succeeded()
+            return rows
+
+    def database_away(self, patience: float = 0.5) -> bool:
+        """Whether the database is unavailable to this store's writes right now (see Writer.unavailable)."""
+        return self.writer is not None and self.writer.unavailable(patience)
 
     @_translated
     def get(self, execution_id: str) -> ExecutionRecord | None:
@@ -240,9 +280,13 @@ class Store:
             list(_ACTIVE),
         )
         lost = []
+        with _CLOSED_LOCK:
+            closed = set(_CLOSED_RUNTIMES)
         for runtime_id, host, pid, heartbeat in rows:
             if host is None:
                 lost.append((runtime_id, f"{runtime_id} (unregistered)"))
+            elif runtime_id in closed:
+                lost.append((runtime_id, f"{runtime_id} (closed while the database was unavailable)"))
             elif is_gone(host, pid, Dialect.read_time(heartbeat), now):
                 lost.append((runtime_id, f"{runtime_id} (host {host}, pid {pid})"))
         return lost

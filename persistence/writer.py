@@ -27,17 +27,18 @@ the writer's instead of waiting behind it (``independent=True``).
 from __future__ import annotations
 
 import collections
-import contextlib
 import itertools
 import logging
 import threading
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import peewee
 
+from persistence.database import is_transient
 from persistence.dialect import Dialect
 from persistence.errors import DatabaseError
+from persistence.outage import Backoff, Outage
 from persistence.promise import Promise
 from persistence.writes import Operation
 
@@ -65,7 +66,14 @@ class _Submission:
 
 
 class Writer:
-    """Runs submitted operations in batches, on its own thread or a combining caller's."""
+    """Runs submitted operations in batches, on its own thread or a combining caller's.
+
+    A batch that fails because the database is away (``is_transient``) is
+    put back at the head of the queue, in order, and the writer thread
+    retries it with a bounded backoff until it commits or the writer is
+    closed: every operation is guarded by status, so a batch that did commit
+    before its connection broke changes nothing when it runs again.
+    """
 
     def __init__(self, database: peewee.Database) -> None:
         self._sql = Dialect(database)
@@ -76,6 +84,12 @@ class Writer:
         self._turn = threading.Lock()
         self._turn_owner: int | None = None
         self._closed = False
+        # Set when close gives up on a database that is away: what is left fails.
+        self._abandoned = False
+        self._wake = threading.Event()
+        self.outage = Outage(logger, "database writer")
+        self._backoff = Backoff()
+        self._attempt_started: float | None = None
         self.commits = 0
         self._thread = threading.Thread(target=self._loop, name="actorgraph-writer", daemon=True)
         self._thread.start()
@@ -83,6 +97,13 @@ class Writer:
     @property
     def thread(self) -> threading.Thread:
         return self._thread
+
+    def unavailable(self, patience: float) -> bool:
+        """Whether the database is away: an outage is on, or a commit has tried for ``patience`` s."""
+        if self.outage.active:
+            return True
+        started = self._attempt_started
+        return started is not None and time.monotonic() - started > patience
 
     def submit(self, *ops: Operation,
                after: Sequence[Promise] = ()) -> Promise[list[Any]]:
@@ -115,71 +136,114 @@ class Writer:
 
         Raises:
             DatabaseError: the write failed (nothing of it was written), or
-                it was not committed within ``timeout`` seconds.
+                the database did not answer within ``timeout`` seconds (then
+                it was withdrawn: nothing of it will be written either).
             RuntimeError: called from a commit callback (it would wait for itself).
         """
         if self._turn_owner == threading.get_ident():
             raise RuntimeError("a commit callback must submit, not wait for a write")
         own = _Submission(ops, ())
-        if independent and not self._sql.is_sqlite:
+        deadline = time.monotonic() + timeout
+        if independent and not self._sql.is_sqlite and not self.outage.active:
             if self._closed:
                 raise DatabaseError("the database writer is closed")
-            with self._connection():
-                self._commit([own])
-            return own.future.result()
-        deadline = time.monotonic() + timeout
-        # Queued without waking the writer thread: this thread commits it.
-        self._enqueue(own, wake_writer=False)
-        while not own.future.done():
-            if not self._turn.acquire(timeout=max(0.0, deadline - time.monotonic())):
-                raise DatabaseError(f"the database did not commit within {timeout:.0f}s")
             try:
-                if not own.future.done():
-                    with self._connection():
-                        self._commit_turn()
+                self._commit([own])  # commits it, fails it, or queues it for a retry
             finally:
-                self._turn.release()
+                self._release_connection()
+        else:
+            # Queued without waking the writer thread: this thread commits it.
+            self._enqueue(own, wake_writer=False)
+        while not own.future.done():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._give_up(own, timeout)
+            elif self.outage.active:
+                # The writer thread retries; wait for it (or for our deadline).
+                self._wait_for(own, min(remaining, 0.1))
+            elif self._turn.acquire(timeout=remaining):
+                try:
+                    if not own.future.done():
+                        self._commit_turn()
+                finally:
+                    self._release_connection()
+                    self._turn.release()
         return own.future.result()
 
-    @contextlib.contextmanager
-    def _connection(self) -> Iterator[None]:
-        """A pooled connection for this thread's transaction; failing to get one is a DatabaseError."""
+    def _wait_for(self, own: _Submission, timeout: float) -> None:
         try:
-            context = self._database.connection_context()
-            context.__enter__()
-        except peewee.PeeweeException as exc:
-            raise DatabaseError(f"cannot connect to write: {exc}") from exc
-        try:
-            yield
-        finally:
-            context.__exit__(None, None, None)
+            own.future.result(timeout=timeout)
+        except TimeoutError:
+            pass
+        except Exception:  # noqa: BLE001 - settled with an error: write() raises it
+            pass
+
+    def _give_up(self, own: _Submission, timeout: float) -> None:
+        """Past the caller's deadline: withdraw the write if it is still queued, else let it settle."""
+        with self._queue_changed:
+            try:
+                self._pending.remove(own)
+            except ValueError:
+                withdrawn = False  # in flight: it commits or comes back to the queue soon
+            else:
+                withdrawn = True
+        if withdrawn:
+            raise DatabaseError(f"the database did not answer within {timeout:g}s; "
+                                "the write was withdrawn and nothing of it was written")
+        self._wait_for(own, 0.05)
+
+    def _release_connection(self) -> None:
+        """A caller's thread gives its connection back to the pool (the writer thread keeps its own)."""
+        if threading.current_thread() is not self._thread and not self._database.is_closed():
+            self._database.close()
 
     def close(self, timeout: float = 30.0) -> None:
-        """Commit what is queued, then stop the thread and release its connection."""
+        """Commit what is queued (for up to ``timeout`` s), then stop the thread and release its connection.
+
+        If the database does not answer by then, what is left fails with
+        DatabaseError (its submitters hear it) and is not written.
+        """
         with self._queue_changed:
             if self._closed:
                 return
             self._closed = True
             self._queue_changed.notify()
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._abandon()
+            self._thread.join(timeout=15.0)
+
+    def _abandon(self) -> None:
+        with self._queue_changed:
+            self._abandoned = True
+            left, self._pending = list(self._pending), collections.deque()
+            self._queue_changed.notify()
+        self._wake.set()
+        if left:
+            logger.error("the database writer closed with %d writes the database never took", len(left))
+        for submission in left:
+            _fail(submission.future, DatabaseError(
+                "not written: the runtime closed while the database was unavailable"))
 
     def _loop(self) -> None:
-        self._database.connect(reuse_if_open=True)
         try:
             while self._wait_for_work():
+                if self.outage.active:
+                    # Interruptible by close: an outage must not hold it up.
+                    self._wake.wait(self._backoff.next_delay())
                 with self._turn:
                     self._commit_turn()
         finally:
-            self._database.close()
+            self._drop_connection()
 
     def _wait_for_work(self) -> bool:
-        """Block until something is queued; False once closed with nothing left."""
+        """Block until something is queued; False once closed with nothing left (or abandoned)."""
         with self._queue_changed:
             while not self._pending:
-                if self._closed:
+                if self._closed or self._abandoned:
                     return False
                 self._queue_changed.wait()
-            return True
+            return not self._abandoned
 
     def _commit_turn(self) -> None:
         """Holding the turn: commit what is queued (up to MAX_BATCH submissions)."""
@@ -206,18 +270,59 @@ class Writer:
         if not batch:
             return
         try:
-            with self._database.atomic():
-                results = self._run(batch)
-        except Exception:
+            results = self._transaction(batch)
+        except Exception as exc:
+            if is_transient(exc):
+                self._retry_later(batch, exc)
+                return
             # One bad submission must not sink the others: replay each alone,
             # so only the faulty one receives the error.
             logger.debug("batch of %d failed; retrying one by one", len(batch), exc_info=True)
-            for submission in batch:
-                self._commit_alone(submission)
+            for index, submission in enumerate(batch):
+                if not self._commit_alone(submission):
+                    self._retry_later(batch[index:], None)
+                    return
             return
-        self.commits += 1
         for submission, result in zip(batch, results):
             _resolve(submission.future, result)
+
+    def _transaction(self, batch: list[_Submission]) -> list[list[Any]]:
+        """Run ``batch`` in one transaction on this thread's connection (opened if need be)."""
+        self._attempt_started = time.monotonic()
+        try:
+            self._database.connect(reuse_if_open=True)
+            with self._database.atomic():
+                results = self._run(batch)
+        finally:
+            self._attempt_started = None
+        self.commits += 1
+        if self.outage.active:
+            self.outage.succeeded()
+            self._backoff.reset()
+        return results
+
+    def _retry_later(self, batch: list[_Submission], error: BaseException | None) -> None:
+        """The database is away: drop the connection and put ``batch`` back at the head, in order."""
+        self._drop_connection()
+        self._database.close_idle()  # the pool's idle connections died with it
+        with self._queue_changed:
+            abandoned = self._abandoned
+            if not abandoned:
+                self._pending.extendleft(reversed(batch))
+                self._queue_changed.notify()
+        if abandoned:
+            for submission in batch:
+                _fail(submission.future, DatabaseError(
+                    "not written: the runtime closed while the database was unavailable"))
+        if error is not None:
+            self.outage.failed(error)
+
+    def _drop_connection(self) -> None:
+        """Close this thread's connection without returning it to the pool."""
+        try:
+            self._database.manual_close()
+        except Exception:  # noqa: BLE001 - it is broken; all we want is to be rid of it
+            logger.debug("closing a broken connection failed", exc_info=True)
 
     def _dependencies_hold(self, submission: _Submission) -> bool:
         error = submission.failed_dependency()
@@ -226,19 +331,22 @@ class Writer:
         _fail(submission.future, DatabaseError(f"not written: a write it depends on failed: {error}"))
         return False
 
-    def _commit_alone(self, submission: _Submission) -> None:
+    def _commit_alone(self, submission: _Submission) -> bool:
+        """Commit one submission; False if the database was away (it is not settled then)."""
         if not self._dependencies_hold(submission):
-            return
+            return True
         try:
-            with self._database.atomic():
-                (result,) = self._run([submission])
+            (result,) = self._transaction([submission])
         except Exception as exc:  # noqa: BLE001 - handed to the submitter, translated
+            if is_transient(exc):
+                self.outage.failed(exc)
+                return False
             error = exc if isinstance(exc, DatabaseError) else DatabaseError(f"write failed: {exc}")
             error.__cause__ = exc
             _fail(submission.future, error)
-            return
-        self.commits += 1
+            return True
         _resolve(submission.future, result)
+        return True
 
     def _run(self, batch: list[_Submission]) -> list[list[Any]]:
         """Run every op phase by phase (see writes.py), merging runs of same-shaped ops.
