@@ -197,6 +197,16 @@ class PooledActor(pykka.Actor):
         self._dispatcher_ = dispatcher
         self._started = False
 
+    def stop_in_turn(self) -> None:
+        """Stop now, from this actor's own turn, without a stop message.
+
+        ``stop()`` queues a message and costs one more turn; an actor that
+        knows it is done (its final status committed and announced) ends
+        here instead. Messages still in its inbox are answered as after any
+        stop: an ask gets ``ActorDeadError``, a tell is dropped.
+        """
+        self._stop()
+
     @staticmethod
     def _create_actor_inbox() -> Mailbox:
         return Mailbox()

@@ -223,11 +223,16 @@ class ExecutionActor(DeferredReplyActor):
             self.cascaded = False
             self._tell_parent(ChildContinues(child_id=self.identity.execution_id))
             return
-        self._end(ExecutionStatus.TERMINATED, reason=stop.reason, deadline=stop.deadline)
+        self._end(ExecutionStatus.TERMINATED, reason=stop.reason, deadline=stop.deadline, timed_by_parent=True)
 
-    def _end(self, status: ExecutionStatus, *, reason: str, deadline: float,
-             error: str | None = None, cascade: bool = True) -> Ending:
-        """Close the spawn gate, interrupt what runs, and wait for the rest as an ``Ending``."""
+    def _end(self, status: ExecutionStatus, *, reason: str, deadline: float, error: str | None = None,
+             cascade: bool = True, timed_by_parent: bool = False) -> Ending:
+        """Close the spawn gate, interrupt what runs, and wait for the rest as an ``Ending``.
+
+        ``timed_by_parent``: the deadline is the parent's, and the parent
+        tells us when it passes (``DeadlinePassed``), so no timer of our own
+        is armed: a cascade through a thousand executions arms one timer.
+        """
         self.halted.set()
         self._flush()
         ending = Ending(self.identity.execution_id, status=status, reason=reason, deadline=deadline,
@@ -252,7 +257,7 @@ class ExecutionActor(DeferredReplyActor):
                 self._tell_child(child, CascadeStop(reason=reason, deadline=deadline, queued_only=not cascade))
         if deadline <= time.monotonic():
             self._force_nodes(ending)
-        else:
+        elif not timed_by_parent:
             self._arm(ending, deadline, grace=False)
         self._maybe_submit()
         return ending
@@ -306,7 +311,12 @@ class ExecutionActor(DeferredReplyActor):
         self._maybe_submit()
 
     def _force_nodes(self, ending: Ending) -> None:
-        """At the deadline: own work still running is terminated anyway; its late results are dropped."""
+        """At the deadline: own work still running is terminated anyway; its late results are dropped.
+
+        Children still pending hear that the deadline passed from us (those
+        whose deadline came from our cascade armed no timer), and get
+        CHILD_GRACE to write their subtrees before we write them ourselves.
+        """
         for node_id in ending.pending_nodes:
             state = self.nodes[node_id]
             state.status = NodeStatus.DONE
@@ -314,6 +324,9 @@ class ExecutionActor(DeferredReplyActor):
                 state.handle.cancel()
         ending.force_nodes()
         if ending.pending_children:
+            passed = DeadlinePassed(deadline=ending.deadline)
+            for child_id in ending.pending_children:
+                self._tell_child(self.children[child_id], passed)
             self._arm(ending, ending.deadline, grace=True)
 
     def _interrupt_node(self, node_id: str) -> bool:
@@ -420,9 +433,10 @@ class ExecutionActor(DeferredReplyActor):
         for waiter in self.stop_waiters:
             waiter.set_result(already_final)
         self.stop_waiters = []
-        # A tell: what is already in our inbox is answered first (the
-        # Dispatcher answers anything later with ActorDeadError).
-        self.stop()
+        # Whatever is still in our inbox is answered with ActorDeadError: a
+        # Stop then finds the row terminal in the database, and a parent's
+        # cascade already has our ChildEnded in its mailbox.
+        self.stop_in_turn()
 
     # -- starting -------------------------------------------------------------
 

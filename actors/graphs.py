@@ -116,14 +116,15 @@ def _parse_graph(graph_id: str, spec: Any, blocks: Mapping[str, BlockSpec],
     _check_acyclic(where, raw_nodes, valid_links, problems)
     if len(problems) > before:
         return None
-    nodes = {
-        node_id: Node(
+    nodes = {}
+    for node_id, parsed in raw_nodes.items():
+        assert parsed is not None  # a node that did not parse added a problem above
+        block, static = parsed
+        nodes[node_id] = Node(
             id=node_id, block=block, static=static,
             incoming=tuple(l for l in valid_links if l.target == node_id),
             outgoing=tuple(l for l in valid_links if l.source == node_id),
         )
-        for node_id, (block, static) in raw_nodes.items()  # type: ignore[misc]
-    }
     return Graph(id=graph_id, nodes=nodes)
 
 

@@ -117,10 +117,13 @@ class StopWatcher:
     """Polls (or LISTENs) for stop requests aimed at this runtime, and keeps its heartbeat."""
 
     def __init__(self, store: Store, runtime_id: str,
-                 on_request: Callable[[str, str, bool, str], None]) -> None:
+                 on_request: Callable[[str, str, bool, str], bool]) -> None:
         self._store = store
         self._runtime_id = runtime_id
         self._on_request = on_request
+        # Requests already handed on (only this thread touches it): a
+        # request stays pending in the database until its subtree ends.
+        self._handed_on: set[str] = set()
         self._notices = store.stop_notices()
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="actorgraph-watcher", daemon=True)
@@ -145,8 +148,12 @@ class StopWatcher:
                 if time.monotonic() >= next_heartbeat and (heartbeat is None or heartbeat.done()):
                     heartbeat = self._store.submit(Heartbeat(runtime_id=self._runtime_id, at=utcnow()))
                     next_heartbeat = time.monotonic() + HEARTBEAT_EVERY
-                for execution_id, user_id, cascade, reason in self._store.pending_stops(self._runtime_id):
-                    self._on_request(execution_id, user_id, cascade, reason)
+                pending = self._store.pending_stops(self._runtime_id)
+                self._handed_on &= {request[0] for request in pending}
+                for execution_id, user_id, cascade, reason in pending:
+                    if execution_id not in self._handed_on and self._on_request(
+                            execution_id, user_id, cascade, reason):
+                        self._handed_on.add(execution_id)
             except DatabaseError as exc:
                 # The reads already retried; the outage is logged once, by them.
                 logger.debug("stop watcher poll failed (runtime %s): %s", self._runtime_id, exc)

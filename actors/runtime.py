@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import concurrent.futures
+import builtins
 import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -110,7 +112,6 @@ class Runtime:
             pool=concurrent.futures.ThreadPoolExecutor(block_workers, thread_name_prefix="actorgraph-block"),
             blocks=dict(BUILTIN_BLOCKS), graphs={}, max_depth=max_depth,
             failure_timeout=failure_timeout, live=LiveActors(), on_ended=self._on_ended)
-        self._watched: set[str] = set()
         self._watcher = StopWatcher(self._store, self.runtime_id, self._on_stop_request)
         logger.info("runtime %s opened %s", self.runtime_id, self._store.url)
 
@@ -324,7 +325,7 @@ class Runtime:
             already_final=tuple(dict.fromkeys(i for a in acks for i in a.already_final)),
             forced=tuple(dict.fromkeys(i for a in acks for i in a.forced)))
 
-    def _active_tops(self, execution_id: str) -> list[str]:
+    def _active_tops(self, execution_id: str) -> builtins.list[str]:
         """Active descendants whose parent is terminal: where each abandoned subtree starts."""
         rows = self._store.subtree(execution_id)
         active = {row["id"] for row in rows if not ExecutionStatus(row["status"]).is_terminal}
@@ -353,20 +354,20 @@ class Runtime:
             return StopAck(execution_id=root.execution_id, terminated=moved)
         return StopAck(execution_id=root.execution_id, already_final=(root.execution_id,))
 
-    def _on_stop_request(self, execution_id: str, user_id: str, cascade: bool, reason: str) -> None:
-        """On the watcher thread: another process asked to stop something we host."""
-        if execution_id in self._watched:
-            return
+    def _on_stop_request(self, execution_id: str, user_id: str, cascade: bool, reason: str) -> bool:
+        """On the watcher thread: another process asked to stop something we host; True if handed on."""
         ref = self._host.live.get(execution_id)
         stop = Stop(user_id=user_id, cascade=cascade, reason=reason)
         if ref is not None:
-            self._watched.add(execution_id)
             try:
                 ref.ask(stop, block=False)
             except pykka.ActorDeadError:
-                pass
-        elif (queued := self._admission.remove(execution_id)) is not None:
+                return False
+            return True
+        if (queued := self._admission.remove(execution_id)) is not None:
             self._stop_queued(queued, stop)
+            return True
+        return False
 
     # -- bookkeeping ----------------------------------------------------------------------
 
@@ -374,7 +375,6 @@ class Runtime:
         """In the execution actor's last turn, after its final commit."""
         identity = ended.identity
         self._host.live.remove(identity.execution_id)
-        self._watched.discard(identity.execution_id)
         if identity.parent_id is None:
             self._release(identity.user_id, identity.graph_id)
 
@@ -383,7 +383,7 @@ class Runtime:
             identity = Identity(execution_id=root.execution_id, parent_id=None, root_id=root.execution_id,
                                 graph_id=root.graph_id, user_id=root.user_id, depth=0)
             # Not in the commit callback, which holds the writer's turn: keep it short.
-            self._host.timers.call_soon(lambda i=identity, r=root: self._spawn_root(i, r.inputs, running=False))
+            self._host.timers.call_soon(functools.partial(self._spawn_root, identity, root.inputs, running=False))
 
     @property
     def live_count(self) -> int:

@@ -98,7 +98,7 @@ class Timers:
                 continue
             handle.cancelled = True
             try:
-                callback()  # type: ignore[misc]
+                callback()
             except Exception:  # noqa: BLE001 - one bad callback must not stop every timer
                 logger.exception("timer callback failed")
 

@@ -156,7 +156,7 @@ def runtime_stats(rt: Any) -> Any:
     stats = getattr(rt, "stats", None)
     if callable(stats):
         value = stats()
-        if dataclasses.is_dataclass(value):
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
             return dataclasses.asdict(value)
         return dict(value) if isinstance(value, dict) else repr(value)
     for name in ("connections_opened", "connection_count"):

@@ -93,6 +93,10 @@ class PostgresqlDatabase(PooledPostgresqlDatabase, _CountingPostgresql):
     dialect = "postgresql"
 
 
+# What open_database returns: a pooled peewee database of either kind.
+Database = SqliteDatabase | PostgresqlDatabase
+
+
 def default_url() -> str:
     """The URL used when none is given: env ACTORGRAPH_DATABASE, else a file in the cwd."""
     return os.environ.get("ACTORGRAPH_DATABASE") or DEFAULT_URL

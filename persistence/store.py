@@ -74,7 +74,7 @@ def _translated(method: Callable[..., T]) -> Callable[..., T]:
 class Store:
     """Reads and writes graph executions on one database."""
 
-    def __init__(self, database: peewee.Database, url: str, *, writable: bool = True) -> None:
+    def __init__(self, database: databases.Database, url: str, *, writable: bool = True) -> None:
         self.url = url
         self._database = database
         self._sql = Dialect(database)
@@ -311,10 +311,16 @@ class Store:
          inputs, outputs, error, stop_reason) = row
         return ExecutionRecord(
             id=id_, graph_id=graph_id, user_id=user_id, status=ExecutionStatus(status),
-            parent_id=parent_id, created_at=Dialect.read_time(created),
+            parent_id=parent_id, created_at=_required(Dialect.read_time(created), "created_at"),
             started_at=Dialect.read_time(started), ended_at=Dialect.read_time(ended),
             inputs=loads(inputs) or {}, outputs=loads(outputs), error=error, stop_reason=stop_reason,
         )
+
+
+def _required(value: dt.datetime | None, column: str) -> dt.datetime:
+    if value is None:
+        raise DatabaseError(f"graph_execution.{column} is NULL")
+    return value
 
 
 def is_gone(host: str, pid: int, heartbeat: dt.datetime | None, now: dt.datetime) -> bool:

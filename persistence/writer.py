@@ -33,9 +33,8 @@ import threading
 import time
 from typing import Any, Sequence
 
-import peewee
 
-from persistence.database import is_transient
+from persistence.database import Database, is_transient
 from persistence.dialect import Dialect
 from persistence.errors import DatabaseError
 from persistence.outage import Backoff, Outage
@@ -75,7 +74,7 @@ class Writer:
     before its connection broke changes nothing when it runs again.
     """
 
-    def __init__(self, database: peewee.Database) -> None:
+    def __init__(self, database: Database) -> None:
         self._sql = Dialect(database)
         self._database = database
         self._pending: collections.deque[_Submission] = collections.deque()

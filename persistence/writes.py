@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from typing import Any, Hashable, Sequence
+from typing import Any, Hashable, Self, Sequence
 
 from persistence.dialect import MAX_PARAMS, Dialect, chunks, marks
 from persistence.status import ACTIVE, ExecutionStatus, sources_of
@@ -50,7 +50,7 @@ class Operation:
         raise NotImplementedError
 
     @classmethod
-    def run_many(cls, sql: Dialect, ops: Sequence["Operation"]) -> list[Any]:
+    def run_many(cls, sql: Dialect, ops: Sequence[Self]) -> list[Any]:
         return [op.run(sql) for op in ops]
 
 
@@ -85,7 +85,7 @@ class InsertExecution(Operation):
         self.run_many(sql, [self])
 
     @classmethod
-    def run_many(cls, sql: Dialect, ops: Sequence["InsertExecution"]) -> list[None]:
+    def run_many(cls, sql: Dialect, ops: Sequence[Self]) -> list[None]:
         for part in chunks(ops, MAX_PARAMS // 12):
             rows = ", ".join("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" for _ in part)
             params = [value for op in part for value in op._values(sql)]
@@ -120,7 +120,7 @@ class MoveExecutions(Operation):
         return self.run_many(sql, [self])[0]
 
     @classmethod
-    def run_many(cls, sql: Dialect, ops: Sequence["MoveExecutions"]) -> list[tuple[str, ...]]:
+    def run_many(cls, sql: Dialect, ops: Sequence[Self]) -> list[tuple[str, ...]]:
         first = dataclasses.replace(ops[0], at=max(op.at for op in ops))
         assignments, params = first._assignments(sql)
         sources = tuple(s.value for s in sources_of(first.target))
@@ -192,7 +192,7 @@ class InsertNodes(Operation):
         self.run_many(sql, [self])
 
     @classmethod
-    def run_many(cls, sql: Dialect, ops: Sequence["InsertNodes"]) -> list[None]:
+    def run_many(cls, sql: Dialect, ops: Sequence[Self]) -> list[None]:
         rows = [row for op in ops for row in op.rows]
         for part in chunks(rows, MAX_PARAMS // 7):
             values = ", ".join("(?, ?, ?, ?, ?, ?, ?)" for _ in part)
@@ -234,7 +234,7 @@ class MoveNodes(Operation):
         return cursor.rowcount
 
     @classmethod
-    def run_many(cls, sql: Dialect, ops: Sequence["MoveNodes"]) -> list[int]:
+    def run_many(cls, sql: Dialect, ops: Sequence[Self]) -> list[int]:
         first = ops[0]
         at = max(op.at for op in ops)
         ids = [op.execution_id for op in ops]
