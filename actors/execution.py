@@ -32,6 +32,7 @@ from actors.deferred import DeferredReplyActor
 from actors.host import Ended, Host
 from actors.logs import ExecutionLog, Identity
 from actors.messages import (
+    AckTree,
     Begin,
     CascadeStop,
     ChildCommitted,
@@ -188,6 +189,7 @@ class ExecutionActor(DeferredReplyActor):
                                      cascade=stop.cascade, at=utcnow()))
         ending = self._end(ExecutionStatus.TERMINATED, reason=stop.reason,
                            deadline=time.monotonic() + stop.wait_timeout, cascade=stop.cascade)
+        ending.asked = True
         return ending.result
 
     def _join_ending(self, ending: Ending, stop: Stop) -> Promise[StopAck]:
@@ -198,6 +200,7 @@ class ExecutionActor(DeferredReplyActor):
         that commit, with the execution in ``already_final``.
         """
         own_id = self.identity.execution_id
+        ending.asked = True
         if ending.submitted:
             return _then(ending.result, StopAck(execution_id=own_id, already_final=(own_id,)))
         self.log.info("stop joins the ending in progress (%s): %s", ending.status.value, stop.reason)
@@ -384,6 +387,8 @@ class ExecutionActor(DeferredReplyActor):
             self.natural, self.final_write = None, None
             waiters, self.stop_waiters = self.stop_waiters, []
             ending = self._fail_execution(f"its final write failed: {message.error}")
+            if ending is not None:
+                ending.asked = True
             for waiter in waiters:
                 _forward(ending.result if ending else None, waiter)
             return
@@ -391,7 +396,7 @@ class ExecutionActor(DeferredReplyActor):
             self.log.warning("row was already terminal in the database; %s not written", natural.status.value)
         own_id = self.identity.execution_id
         self._ended(natural.status, outputs=natural.outputs, error=natural.error, stop_reason=None,
-                    ack=StopAck(execution_id=own_id, already_final=(own_id,)))
+                    ack=AckTree(already_final=(own_id,)))
 
     def _ending_committed(self, ending: Ending, message: FinalCommitted) -> None:
         if message.error is not None:
@@ -418,7 +423,7 @@ class ExecutionActor(DeferredReplyActor):
                     stop_reason=ending.reason if stopped else None, ack=ending.acknowledgement())
 
     def _ended(self, status: ExecutionStatus, *, outputs: dict[str, Any] | None, error: str | None,
-               stop_reason: str | None, ack: StopAck) -> None:
+               stop_reason: str | None, ack: AckTree) -> None:
         """Committed and acknowledged: tell everyone who listens, then stop this actor."""
         self.final_status = status
         own_id = self.identity.execution_id
@@ -427,8 +432,8 @@ class ExecutionActor(DeferredReplyActor):
                                  error=error, stop_reason=stop_reason))
         self._tell_parent(ChildEnded(child_id=own_id, status=status, outputs=outputs, error=error,
                                      stop_reason=stop_reason, ack=ack))
-        if self.ending is not None:
-            self.ending.result.set_result(ack)
+        if self.ending is not None and self.ending.asked:
+            self.ending.result.set_result(ack.flatten(own_id))
         already_final = StopAck(execution_id=own_id, already_final=(own_id,))
         for waiter in self.stop_waiters:
             waiter.set_result(already_final)

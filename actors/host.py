@@ -40,6 +40,9 @@ class LiveActors:
         self._identities: dict[str, Identity] = {}
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
+        # How many threads wait on _changed: a removal with nobody waiting
+        # (the common case, thousands per stop) skips the notify.
+        self._waiters = 0
 
     def add(self, identity: Identity, ref: pykka.ActorRef) -> None:
         with self._lock:
@@ -47,10 +50,11 @@ class LiveActors:
             self._identities[identity.execution_id] = identity
 
     def remove(self, execution_id: str) -> None:
-        with self._changed:
+        with self._lock:
             self._refs.pop(execution_id, None)
             self._identities.pop(execution_id, None)
-            self._changed.notify_all()
+            if self._waiters:
+                self._changed.notify_all()
 
     def get(self, execution_id: str) -> pykka.ActorRef | None:
         with self._lock:
@@ -67,12 +71,18 @@ class LiveActors:
                     if identity.parent_id not in self._refs]
 
     def wait_empty(self, timeout: float) -> bool:
-        with self._changed:
-            return self._changed.wait_for(lambda: not self._refs, timeout)
+        return self._wait(lambda: not self._refs, timeout)
 
     def wait_gone(self, execution_id: str, timeout: float) -> bool:
+        return self._wait(lambda: execution_id not in self._refs, timeout)
+
+    def _wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
         with self._changed:
-            return self._changed.wait_for(lambda: execution_id not in self._refs, timeout)
+            self._waiters += 1
+            try:
+                return self._changed.wait_for(predicate, timeout)
+            finally:
+                self._waiters -= 1
 
 
 @dataclasses.dataclass(kw_only=True)

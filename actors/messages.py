@@ -54,6 +54,36 @@ class StopAck:
     forced: tuple[str, ...] = ()
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AckTree:
+    """What one execution's end did to its subtree, its children's parts held by reference.
+
+    A parent folds its children's trees into its own in O(children), not
+    O(subtree): the ids are flattened into a ``StopAck`` once, by whoever
+    was asked the ``Stop``, with a loop (no recursion, whatever the depth).
+    """
+
+    terminated: tuple[str, ...] = ()
+    already_final: tuple[str, ...] = ()
+    forced: tuple[str, ...] = ()
+    children: tuple["AckTree", ...] = ()
+
+    def flatten(self, execution_id: str) -> StopAck:
+        """The ``StopAck``: each id once, parents before their children."""
+        terminated: dict[str, None] = {}
+        already_final: dict[str, None] = {}
+        forced: dict[str, None] = {}
+        stack = [self]
+        while stack:
+            part = stack.pop()
+            terminated.update(dict.fromkeys(part.terminated))
+            already_final.update(dict.fromkeys(part.already_final))
+            forced.update(dict.fromkeys(part.forced))
+            stack.extend(reversed(part.children))
+        return StopAck(execution_id=execution_id, terminated=tuple(terminated),
+                       already_final=tuple(already_final), forced=tuple(forced))
+
+
 # -- down the tree -------------------------------------------------------------
 
 
@@ -117,7 +147,7 @@ class ChildEnded:
     outputs: dict[str, Any] | None
     error: str | None
     stop_reason: str | None
-    ack: StopAck
+    ack: AckTree
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable
 
-from actors.messages import ChildEnded, StopAck
+from actors.messages import AckTree, ChildEnded, StopAck
 from persistence import ExecutionStatus, MoveExecutions, MoveNodes, Operation, Promise, TerminateSubtree, utcnow
 
 # After the deadline, how long a parent still waits for children that are
@@ -55,13 +55,17 @@ class Ending:
         # False for a stop that does not cascade: started children run on.
         self.cascade = cascade
         # Resolved with the StopAck once the final write committed and every
-        # child whose write ours followed has told us its ack.
+        # child whose write ours followed has told us its ack; only if a
+        # Stop was asked of this execution (``asked``): a cascade's children
+        # answer their parent with an AckTree instead.
         self.result: Promise[StopAck] = Promise()
+        self.asked = False
+        self.acknowledged = False
         self.pending_nodes: set[str] = set()
         self.pending_children: set[str] = set()
         self._child_writes: list[Promise[Any]] = []
         self._awaited_acks: set[str] = set()
-        self._acks: list[StopAck] = []
+        self._acks: list[AckTree] = []
         self._already_final: list[str] = []
         self._forced_nodes: set[str] = set()
         self._forced_children: tuple[str, ...] = ()
@@ -146,22 +150,18 @@ class Ending:
         return bool(self._results and self._results[-1])
 
     def ready_to_acknowledge(self) -> bool:
-        return self._results is not None and not self._awaited_acks and not self.result.done()
+        return self._results is not None and not self._awaited_acks and not self.acknowledged
 
-    def acknowledgement(self) -> StopAck:
-        """The StopAck: our own row first, then what the children reported, each id once."""
+    def acknowledgement(self) -> AckTree:
+        """Our own part (our row, the subtrees we wrote ourselves) and the children's, by reference."""
         assert self._results is not None
-        results = self._results
-        forced_moved = [i for moved in results[:len(self._forced_children)] for i in moved]
-        terminated = [i for ack in self._acks for i in ack.terminated] + forced_moved
-        already_final = self._already_final + [i for ack in self._acks for i in ack.already_final]
-        forced = [i for ack in self._acks for i in ack.forced] + forced_moved
+        self.acknowledged = True
+        forced_moved = tuple(i for moved in self._results[:len(self._forced_children)] for i in moved)
         if self.persisted and self.status is ExecutionStatus.TERMINATED:
-            terminated.insert(0, self.execution_id)
-            if self._forced_nodes:
-                forced.insert(0, self.execution_id)
-        else:
-            # Ended otherwise: FAILED by a failure this stop met, or already terminal.
-            already_final.insert(0, self.execution_id)
-        return StopAck(execution_id=self.execution_id, terminated=tuple(dict.fromkeys(terminated)),
-                       already_final=tuple(dict.fromkeys(already_final)), forced=tuple(dict.fromkeys(forced)))
+            own = (self.execution_id,)
+            return AckTree(terminated=own + forced_moved, already_final=tuple(self._already_final),
+                           forced=(own if self._forced_nodes else ()) + forced_moved,
+                           children=tuple(self._acks))
+        # Ended otherwise: FAILED by a failure this stop met, or already terminal.
+        return AckTree(terminated=forced_moved, already_final=(self.execution_id, *self._already_final),
+                       forced=forced_moved, children=tuple(self._acks))

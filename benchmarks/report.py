@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 from benchmarks.measure import Figure, Summary
 
-_HEADERS = ("db", "figure", "n", "runtime min/med/max", "floor min/med/max",
+_HEADERS = ("db", "figure", "n", "runtime min/med/max", "floor min/med/max", "floor@50ms med",
             "ratio min/med/max", "pooled floor med", "vs pooled med", "reference med",
             "speedup min/med/max", "target", "")
 
@@ -51,7 +51,8 @@ def format_header(machine: dict[str, Any], plan_description: str) -> str:
             f"python {machine['python']}  pykka {machine['pykka']}  peewee {machine['peewee']}"
             f"  sqlite {machine['sqlite']}  psycopg2 {machine['psycopg2']}\n"
             "durations in ms; rates in executions per second; ratio = runtime/floor (plain pykka"
-            " ThreadingActor),\nvs pooled = runtime/pooled floor (the runtime's actor type, no database),"
+            " ThreadingActor, at the default GIL switch interval;\nfloor@50ms: the same at 50 ms, and"
+            " the ratio's base where the floor column is '-'),\nvs pooled = runtime/pooled floor (the runtime's actor type, no database),"
             " speedup = reference/runtime; all per repetition")
 
 
@@ -67,10 +68,12 @@ def _row(figure: Figure) -> tuple[str, ...]:
     scale, digits = (1000.0, 1) if figure.unit == "s" else (1.0, 0)
     reference = Summary.of(figure.reference)
     pooled, persistence = Summary.of(figure.pooled_floor), figure.persistence_ratios()
+    floor_50 = Summary.of(figure.floor_50ms)
     return (
         figure.database, figure.name, str(figure.executions),
         _triple(Summary.of(figure.runtime), scale, digits),
         _triple(Summary.of(figure.floor), scale, digits),
+        f"{floor_50.median * scale:.{digits}f}" if floor_50 else "-",
         _triple(figure.ratios(), 1.0, 2, "x"),
         f"{pooled.median * scale:.{digits}f}" if pooled else "-",
         f"{persistence.median:.2f}x" if persistence else "-",
