@@ -583,6 +583,7 @@ class ExecutionActor(DeferredReplyActor):
 
     def _on_child_continues(self, message: ChildContinues) -> None:
         self.continuing.add(message.child_id)
+        self.host.left_running.set()
         if self.ending is not None:
             self.ending.child_gone(message.child_id)
             self._maybe_submit()

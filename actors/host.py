@@ -100,3 +100,7 @@ class Host:
     live: LiveActors
     # Called in an execution actor's last turn, after its final commit.
     on_ended: Callable[[Ended], None]
+    # Set (once, for good) when a non-cascading stop first leaves a started
+    # child running under a terminal parent: from then on a cascading stop
+    # also looks for such children in the database (Runtime._stop_abandoned).
+    left_running: threading.Event = dataclasses.field(default_factory=threading.Event)

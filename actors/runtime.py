@@ -301,14 +301,19 @@ class Runtime:
                                   f"{give_up - deadline + stop.wait_timeout:.0f}s after it was sent")
 
     def _stop_abandoned(self, ack: StopAck, stop: Stop) -> StopAck:
-        """A cascading stop that found its execution already final: stop what still runs under it.
+        """After a cascading stop: stop what a non-cascading stop left running in the subtree.
 
         A stop that did not cascade lets started children run on under a
-        terminal parent. A later cascading stop of that parent must reach
-        them too, so it looks in the database for active descendants and
-        stops the top of each active subtree.
+        terminal parent, outside the supervision tree's reach. A later
+        cascading stop of that parent, or of an ancestor, must reach them
+        too, so it looks in the database for active descendants and stops
+        the top of each active subtree. The look costs one query, paid
+        only by a stop that found its execution already final, or once a
+        non-cascading stop has left something running in this runtime.
         """
-        if not stop.cascade or ack.execution_id not in ack.already_final:
+        if not stop.cascade:
+            return ack
+        if ack.execution_id not in ack.already_final and not self._host.left_running.is_set():
             return ack
         acks = [ack]
         for top in self._active_tops(ack.execution_id):

@@ -83,6 +83,9 @@ class Writer:
         self._turn = threading.Lock()
         self._turn_owner: int | None = None
         self._closed = False
+        # Whether the writer thread waits for work: a submission wakes it only
+        # then (a stop of a thousand executions submits a thousand times).
+        self._writer_waiting = False
         # Set when close gives up on a database that is away: what is left fails.
         self._abandoned = False
         self._wake = threading.Event()
@@ -120,7 +123,7 @@ class Writer:
         with self._queue_changed:
             if not self._closed:
                 self._pending.append(submission)
-                if wake_writer:
+                if wake_writer and self._writer_waiting:
                     self._queue_changed.notify()
                 return
         submission.future.set_exception(DatabaseError("the database writer is closed"))
@@ -241,7 +244,11 @@ class Writer:
             while not self._pending:
                 if self._closed or self._abandoned:
                     return False
-                self._queue_changed.wait()
+                self._writer_waiting = True
+                try:
+                    self._queue_changed.wait()
+                finally:
+                    self._writer_waiting = False
             return not self._abandoned
 
     def _commit_turn(self) -> None:

@@ -185,3 +185,24 @@ def test_a_chain_of_600_stops_in_time_and_acknowledges_every_execution(runtime_f
     assert set(observer.subtree_statuses(root).values()) == {"TERMINATED"}
     assert wait_until(lambda: rt.live_count == 0, timeout=30.0, what="every actor gone")
     assert not [r for r in caplog.records if "RecursionError" in r.getMessage() or r.exc_info]
+
+
+def test_cascading_stop_of_an_ancestor_reaches_children_left_running(runtime_factory, observer):
+    rt = runtime_factory(g.graphs(nap=g.sleeper(), parent=g.agents("nap", 2), top=g.agents("parent", 1)))
+    root = rt.start("top", user_id=USER)
+    rows = wait_tree_running(observer, root, executions=4, naps=2)
+    parent = next(r["id"] for r in rows if r["parent_id"] == root)
+    rt.stop(parent, user_id=USER, cascade=False)
+    left_running = {r["id"] for r in rows if r["parent_id"] == parent}
+    assert {observer.status(i) for i in left_running} == {"RUNNING"}
+
+    # The parent, stopped on its own, failed the root's agent node: the root
+    # ended FAILED, its cascade never reaching the children left running.
+    wait_status(observer, root, "FAILED")
+
+    ack = rt.stop(root, user_id=USER)
+
+    assert root in ack.already_final
+    assert set(ack.terminated) == left_running
+    statuses = observer.subtree_statuses(root)
+    assert statuses == {root: "FAILED", parent: "TERMINATED", **{i: "TERMINATED" for i in left_running}}

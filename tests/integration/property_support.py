@@ -1,0 +1,519 @@
+"""Inputs and observations for the stop properties (see test_properties.py).
+
+- ``scenarios()``: a hypothesis strategy drawing a few graphs, the roots to
+  start and the stops to send; ``Scenario.graph_file()`` is what ``rt.load`` takes.
+- ``USER_BLOCKS``: the user blocks those graphs use (cooperative, stubborn, exploding).
+- ``run_example``: runs one scenario on a fresh runtime and returns what was
+  seen: every ``rt.stop`` call with the subtree read right after it returned
+  (``StopRecord``), every row of the example read every ~20 ms by a
+  ``Sampler``, and the rows after ``rt.close()``.
+
+Everything is read through connections of the test's own (``Observer``),
+never through the runtime's memory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Any, Iterator
+
+from hypothesis import assume
+from hypothesis import strategies as st
+
+from actors import Runtime, StopAck
+from tests.helpers import Observer, wait_until
+
+USER = "alice"
+
+# Runtimes fail an execution's leftover work after this long (the default
+# 15 s would make every example with a failure and stubborn work slow).
+FAILURE_TIMEOUT = 2.0
+# rt.close() stops what is still live with this wait_timeout.
+CLOSE_TIMEOUT = 1.0
+SAMPLE_INTERVAL = 0.02
+# After the last stop returned, the sampler keeps reading this long before
+# rt.close(), so that a node or child starting late would be seen.
+SETTLE = 0.3
+# A stop thread not back after wait_timeout + slack + this is reported as hung
+# (the runtime's own ask times out after wait_timeout + 30 s).
+HUNG_AFTER = 40.0
+# Trees bigger than this are not drawn (3 roots of at most 4 levels).
+MAX_EXECUTIONS = 40
+
+ACTIVE = ("QUEUED", "RUNNING")
+TERMINAL = ("COMPLETED", "FAILED", "TERMINATED")
+
+
+# -- scenarios -------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    """One drawn node (``late_*`` kinds are two linked nodes in the graph file).
+
+    kind:
+        sleep:      built-in ``sleep`` of ``seconds``, ``ignore_stop`` as drawn.
+        agent:      starts a child of graph ``target`` at once.
+        late_agent: a sleep of ``seconds``, then an agent starting ``target``
+                    (children are created while stops may be under way).
+        fail:       built-in ``fail``: fails as soon as it starts.
+        bad_sleep:  a ``sleep`` whose ``seconds`` is not a number: fails when it starts.
+        late_fail:  a sleep of ``seconds`` (``ignore_stop`` as drawn), then ``fail``.
+        coop:       user block looping on ``ctx.sleep`` for ``seconds``; a stop ends it.
+        stubborn:   user block ignoring the stop (``time.sleep(seconds)``).
+        explode:    user block waiting ``seconds`` cooperatively, then raising.
+    """
+
+    kind: str
+    seconds: float = 0.0
+    ignore_stop: bool = False
+    target: int = 0
+
+    def __repr__(self) -> str:
+        if self.kind in ("agent",):
+            return f"agent(g{self.target})"
+        if self.kind == "late_agent":
+            return f"late_agent({self.seconds}, g{self.target})"
+        if self.kind in ("fail", "bad_sleep"):
+            return self.kind
+        flag = ", ignore_stop" if self.ignore_stop else ""
+        return f"{self.kind}({self.seconds}{flag})"
+
+    def graph_nodes(self, name: str) -> tuple[dict[str, Any], list[dict[str, str]]]:
+        """The graph file's nodes and links for this node, named after ``name``."""
+        if self.kind == "sleep":
+            return {name: {"block": "sleep", "input": self._sleep_input()}}, []
+        if self.kind == "agent":
+            return {name: {"block": "agent", "input": {"graph": f"g{self.target}", "inputs": {}}}}, []
+        if self.kind == "late_agent":
+            nodes = {f"{name}_wait": {"block": "sleep", "input": {"seconds": self.seconds, "value": {}}},
+                     name: {"block": "agent", "input": {"graph": f"g{self.target}"}}}
+            return nodes, [{"from": f"{name}_wait.value", "to": f"{name}.inputs"}]
+        if self.kind == "fail":
+            return {name: {"block": "fail", "input": {"message": "drawn to fail"}}}, []
+        if self.kind == "bad_sleep":
+            return {name: {"block": "sleep", "input": {"seconds": "soon"}}}, []
+        if self.kind == "late_fail":
+            nodes = {f"{name}_wait": {"block": "sleep", "input": {**self._sleep_input(), "value": "late failure"}},
+                     name: {"block": "fail"}}
+            return nodes, [{"from": f"{name}_wait.value", "to": f"{name}.message"}]
+        return {name: {"block": self.kind, "input": {"seconds": self.seconds}}}, []
+
+    def _sleep_input(self) -> dict[str, Any]:
+        return {"seconds": self.seconds, **({"ignore_stop": True} if self.ignore_stop else {})}
+
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+    graph: int
+    delay: float  # seconds after the previous start
+
+
+@dataclasses.dataclass(frozen=True)
+class StopAction:
+    """One step of the scenario: stop a root or one of its descendants.
+
+    mode: "inline" waits for the stop before the next step; "background"
+    goes on at once; "concurrent" sends a second stop of the same execution
+    from another thread at the same instant (``twin_*`` are its flags).
+    """
+
+    delay: float  # seconds after the previous step
+    root: int  # which start (modulo the number of starts)
+    pick: int | None  # None: the root; else an index into its subtree, sorted
+    cascade: bool
+    wait_timeout: float
+    mode: str = "inline"
+    twin_cascade: bool = True
+    twin_wait_timeout: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    graphs: tuple[tuple[Node, ...], ...]
+    starts: tuple[Start, ...]
+    stops: tuple[StopAction, ...]
+
+    def graph_file(self) -> dict[str, Any]:
+        graphs = {}
+        for index, nodes in enumerate(self.graphs):
+            spec: dict[str, Any] = {"nodes": {}, "links": []}
+            for position, node in enumerate(nodes):
+                more_nodes, links = node.graph_nodes(f"n{position}_{node.kind}")
+                spec["nodes"].update(more_nodes)
+                spec["links"].extend(links)
+            graphs[f"g{index}"] = spec
+        return {"graphs": graphs}
+
+    def executions(self, graph: int) -> int:
+        """How many executions a root of ``graph`` makes if nothing fails or stops."""
+        return 1 + sum(self.executions(n.target) for n in self.graphs[graph]
+                       if n.kind in ("agent", "late_agent"))
+
+
+SLEEP_SECONDS = (0.05, 0.3, 1.0, 30.0)
+DELAYS = (0.0, 0.05, 0.2, 0.5)
+COOP_SECONDS = (0.1, 0.5, 30.0)
+# Stubborn blocks hold a worker thread past rt.close(): keep them short.
+STUBBORN_SECONDS = (0.05, 0.3, 1.0)
+# Weighted: agents and sleeps are the common case, failures the spice.
+KINDS = ("sleep", "agent", "sleep", "agent", "late_agent", "coop", "stubborn",
+         "late_fail", "explode", "fail", "bad_sleep")
+WAIT_TIMEOUTS = st.one_of(st.sampled_from((0.0, 0.05, 0.2, 0.5, 1.0, 2.0)),
+                          st.floats(min_value=0.05, max_value=2.0, allow_nan=False))
+
+
+@st.composite
+def nodes(draw: Any, index: int, graph_count: int) -> Node:
+    """A node of graph ``index``: agents only start later graphs (acyclic)."""
+    kinds = KINDS if index + 1 < graph_count else tuple(k for k in KINDS if "agent" not in k)
+    kind = draw(st.sampled_from(kinds))
+    if kind == "agent":
+        return Node(kind, target=draw(st.integers(index + 1, graph_count - 1)))
+    if kind == "late_agent":
+        return Node(kind, seconds=draw(st.sampled_from(DELAYS)),
+                    target=draw(st.integers(index + 1, graph_count - 1)))
+    if kind == "sleep":
+        return Node(kind, seconds=draw(st.sampled_from(SLEEP_SECONDS)), ignore_stop=draw(st.booleans()))
+    if kind == "late_fail":
+        return Node(kind, seconds=draw(st.sampled_from(DELAYS)), ignore_stop=draw(st.booleans()))
+    if kind == "coop":
+        return Node(kind, seconds=draw(st.sampled_from(COOP_SECONDS)))
+    if kind == "stubborn":
+        return Node(kind, seconds=draw(st.sampled_from(STUBBORN_SECONDS)))
+    if kind == "explode":
+        return Node(kind, seconds=draw(st.sampled_from(DELAYS)))
+    return Node(kind)
+
+
+@st.composite
+def stop_actions(draw: Any) -> StopAction:
+    return StopAction(
+        delay=draw(st.sampled_from((0.0, 0.05, 0.1, 0.3, 0.6))),
+        root=draw(st.integers(0, 2)),
+        pick=draw(st.none() | st.integers(0, MAX_EXECUTIONS)),
+        cascade=draw(st.booleans()),
+        wait_timeout=draw(WAIT_TIMEOUTS),
+        mode=draw(st.sampled_from(("inline", "background", "concurrent"))),
+        twin_cascade=draw(st.booleans()),
+        twin_wait_timeout=draw(WAIT_TIMEOUTS),
+    )
+
+
+@st.composite
+def scenarios(draw: Any) -> Scenario:
+    graph_count = draw(st.integers(1, 4))
+    graphs = tuple(tuple(draw(st.lists(nodes(index, graph_count), min_size=1, max_size=3)))
+                   for index in range(graph_count))
+    starts = tuple(draw(st.lists(
+        st.builds(Start, graph=st.integers(0, graph_count - 1), delay=st.sampled_from((0.0, 0.05, 0.2))),
+        min_size=1, max_size=3)))
+    scenario = Scenario(graphs=graphs, starts=starts,
+                        stops=tuple(draw(st.lists(stop_actions(), min_size=1, max_size=4))))
+    assume(sum(scenario.executions(s.graph) for s in starts) <= MAX_EXECUTIONS)
+    return scenario
+
+
+# -- user blocks -------------------------------------------------------------------
+
+def coop(ctx: Any, seconds: float) -> dict[str, Any]:
+    """Works in small steps and gives up as soon as the execution is stopped."""
+    deadline = time.monotonic() + seconds
+    while (remaining := deadline - time.monotonic()) > 0:
+        if not ctx.sleep(min(0.05, remaining)):
+            return {"value": "stopped"}
+    return {"value": "done"}
+
+
+def stubborn(ctx: Any, seconds: float) -> dict[str, Any]:
+    """Ignores ctx.stop_event: the runtime can only terminate it in the record."""
+    time.sleep(seconds)  # deliberately uncooperative
+    return {"value": "late"}
+
+
+def explode(ctx: Any, seconds: float) -> dict[str, Any]:
+    """Fails after ``seconds`` unless stopped first."""
+    if not ctx.sleep(seconds):
+        return {"value": "stopped"}
+    raise RuntimeError("drawn to explode")
+
+
+USER_BLOCKS = {name: (fn, ("seconds",), ("value",)) for name, fn in
+               (("coop", coop), ("stubborn", stubborn), ("explode", explode))}
+
+
+# -- what the test sees ---------------------------------------------------------------
+
+_SUBTREE = ("WITH RECURSIVE sub(id) AS (SELECT id FROM graph_execution WHERE id = ?"
+            " UNION ALL SELECT g.id FROM graph_execution g JOIN sub ON g.parent_id = sub.id) ")
+# One statement each, so one snapshot each on both databases.
+SUBTREE_ROWS = (_SUBTREE + "SELECT g.id, g.parent_id, g.graph_id, g.depth, g.status, g.created_at,"
+                " g.started_at, g.ended_at, g.stop_cascade FROM graph_execution g JOIN sub ON g.id = sub.id")
+SUBTREE_NODES = (_SUBTREE + "SELECT n.id, n.graph_execution_id, n.node_id, n.status, n.started_at, n.ended_at"
+                 " FROM node_execution n JOIN sub ON n.graph_execution_id = sub.id")
+EXAMPLE_ROWS = ("SELECT id, parent_id, graph_id, depth, status, started_at, ended_at, stop_cascade"
+                " FROM graph_execution WHERE runtime_id = ?")
+EXAMPLE_NODES = ("SELECT n.id, n.graph_execution_id, n.node_id, n.status, n.started_at, n.ended_at"
+                 " FROM node_execution n JOIN graph_execution g ON g.id = n.graph_execution_id"
+                 " WHERE g.runtime_id = ?")
+
+
+@dataclasses.dataclass
+class StopRecord:
+    """One ``rt.stop`` call and the subtree read right after it returned."""
+
+    label: str
+    target: str
+    cascade: bool
+    wait_timeout: float
+    sent_at: float = 0.0
+    returned_at: float | None = None  # None: the call never returned (hung)
+    ack: StopAck | None = None
+    error: BaseException | None = None  # what rt.stop raised
+    harness_error: BaseException | None = None  # the test's own machinery failed
+    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    nodes: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    @property
+    def duration(self) -> float | None:
+        return None if self.returned_at is None else self.returned_at - self.sent_at
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """Every row of the example, read with one statement per table."""
+
+    begun: float  # time.monotonic() before the first statement
+    executions: dict[str, dict[str, Any]]
+    nodes: dict[Any, dict[str, Any]]
+
+
+def read_sample(observer: Observer, runtime_id: str) -> Sample:
+    begun = time.monotonic()
+    executions = {r["id"]: r for r in observer.query(EXAMPLE_ROWS, (runtime_id,))}
+    nodes = {n["id"]: n for n in observer.query(EXAMPLE_NODES, (runtime_id,))}
+    return Sample(begun=begun, executions=executions, nodes=nodes)
+
+
+class Sampler:
+    """A thread reading every row of one runtime every SAMPLE_INTERVAL, until stopped."""
+
+    def __init__(self, url: str, runtime_id: str) -> None:
+        self.url = url
+        self.runtime_id = runtime_id
+        self.samples: list[Sample] = []
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="property-sampler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            observer = Observer(self.url)
+        except BaseException as exc:  # noqa: BLE001 - reported by stop()
+            self.error = exc
+            return
+        try:
+            while not self._stop.is_set():
+                self.samples.append(read_sample(observer, self.runtime_id))
+                self._stop.wait(SAMPLE_INTERVAL)
+        except BaseException as exc:  # noqa: BLE001 - reported by stop()
+            self.error = exc
+        finally:
+            observer.close()
+
+    def has_sample_after(self, moment: float) -> bool:
+        return bool(self.samples) and self.samples[-1].begun >= moment
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+        assert not self._thread.is_alive(), "the sampler did not stop"
+        if self.error is not None:
+            raise AssertionError(f"the sampler failed (a test bug, not an invariant): {self.error!r}") \
+                from self.error
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What one example did and saw."""
+
+    began: float
+    roots: list[str]
+    records: list[StopRecord]
+    samples: list[Sample]
+    final: Sample | None  # read after rt.close()
+    log: list[str]
+
+    def timeline(self) -> str:
+        """The example's log, then its final tree (read after rt.close()) with every status."""
+        lines = list(self.log)
+        if self.final is not None:
+            rows = self.final.executions
+            children: dict[Any, list[dict[str, Any]]] = {}
+            for row in sorted(rows.values(), key=lambda r: (str(r["started_at"]), r["id"])):
+                children.setdefault(row["parent_id"], []).append(row)
+            lines.append("final tree (after rt.close()):")
+
+            def show(row: dict[str, Any], indent: int) -> None:
+                nodes = sorted(f"{n['node_id']}={n['status']}" for n in self.final.nodes.values()
+                               if n["graph_execution_id"] == row["id"])
+                cascade = "" if row["stop_cascade"] else " (stopped without cascade)"
+                lines.append(f"{'  ' * indent}{short(row['id'])} {row['graph_id']} {row['status']}"
+                             f"{cascade} nodes: {', '.join(nodes)}")
+                for child in children.get(row["id"], []):
+                    show(child, indent + 1)
+
+            for root in children.get(None, []):
+                show(root, 1)
+        return "\n".join(lines)
+
+
+def short(execution_id: str) -> str:
+    """How ids appear in the timeline (the final tree closing it names them all)."""
+    return execution_id[:8]
+
+
+def _stop_in_thread(rt: Runtime, url: str, record: StopRecord, barrier: threading.Barrier | None) -> None:
+    try:
+        observer = Observer(url)  # opened first: the read after the return is immediate
+    except BaseException as exc:  # noqa: BLE001 - reported as a harness error
+        record.harness_error = exc
+        return
+    try:
+        if barrier is not None:
+            barrier.wait()
+        record.sent_at = time.monotonic()
+        try:
+            record.ack = rt.stop(record.target, USER, wait_timeout=record.wait_timeout,
+                                 cascade=record.cascade)
+        except Exception as exc:  # noqa: BLE001 - checked by the invariants
+            record.error = exc
+        returned_at = time.monotonic()
+        record.rows = observer.query(SUBTREE_ROWS, (record.target,))
+        record.nodes = observer.query(SUBTREE_NODES, (record.target,))
+        record.returned_at = returned_at
+    except BaseException as exc:  # noqa: BLE001 - reported as a harness error
+        record.harness_error = exc
+    finally:
+        observer.close()
+
+
+class _Example:
+    """Runs one scenario; every thread it starts is joined (bounded) before it returns."""
+
+    def __init__(self, url: str, scenario: Scenario, slack: float) -> None:
+        self.url = url
+        self.scenario = scenario
+        self.slack = slack
+        self.began = time.monotonic()
+        self.log: list[str] = []
+        self.records: list[StopRecord] = []
+        self.threads: list[tuple[threading.Thread, StopRecord]] = []
+        self.roots: list[str] = []
+
+    def note(self, text: str) -> None:
+        self.log.append(f"{time.monotonic() - self.began:7.3f}s {text}")
+
+    def run(self) -> Outcome:
+        rt = Runtime(database=self.url, failure_timeout=FAILURE_TIMEOUT)
+        sampler: Sampler | None = None
+        final: Sample | None = None
+        try:
+            for block, (fn, inputs, outputs) in USER_BLOCKS.items():
+                rt.register_block(block, fn, inputs=inputs, outputs=outputs)
+            rt.load(self.scenario.graph_file())
+            sampler = Sampler(self.url, rt.runtime_id)
+            observer = Observer(self.url)
+            try:
+                self._start_roots(rt)
+                for number, action in enumerate(self.scenario.stops):
+                    time.sleep(action.delay)  # a drawn input: when the stop is sent, not a wait
+                    self._stop(rt, observer, number, action)
+            finally:
+                observer.close()
+                self._join_all()
+            last = max((r.returned_at for r in self.records if r.returned_at is not None), default=0.0)
+            wait_until(lambda: sampler.has_sample_after(last + SETTLE), 30.0, "a sample after the last stop")
+        finally:
+            self.note("rt.close()")
+            try:
+                rt.close(timeout=CLOSE_TIMEOUT)
+                self.note("closed")
+            finally:
+                if sampler is not None:
+                    sampler.stop()
+                    observer = Observer(self.url)
+                    try:
+                        final = read_sample(observer, rt.runtime_id)
+                    finally:
+                        observer.close()
+        return Outcome(began=self.began, roots=self.roots, records=self.records,
+                       samples=sampler.samples if sampler else [], final=final, log=self.log)
+
+    def _start_roots(self, rt: Runtime) -> None:
+        for start in self.scenario.starts:
+            time.sleep(start.delay)  # a drawn input
+            root = rt.start(f"g{start.graph}", user_id=USER)
+            self.roots.append(root)
+            self.note(f"started R{len(self.roots) - 1} = {short(root)} (g{start.graph})")
+
+    def _target(self, observer: Observer, action: StopAction) -> str:
+        root = self.roots[action.root % len(self.roots)]
+        if action.pick is None:
+            return root
+        rows = sorted(observer.query(SUBTREE_ROWS, (root,)),
+                      key=lambda r: (r["depth"], r["graph_id"], str(r["created_at"]), r["id"]))
+        return rows[action.pick % len(rows)]["id"]
+
+    def _stop(self, rt: Runtime, observer: Observer, number: int, action: StopAction) -> None:
+        target = self._target(observer, action)
+        flags = [(action.cascade, action.wait_timeout)]
+        if action.mode == "concurrent":
+            flags.append((action.twin_cascade, action.twin_wait_timeout))
+        barrier = threading.Barrier(len(flags), timeout=30) if len(flags) > 1 else None
+        started = []
+        for twin, (cascade, wait_timeout) in enumerate(flags):
+            record = StopRecord(label=f"stop#{number}{'ab'[twin] if barrier else ''}", target=target,
+                                cascade=cascade, wait_timeout=wait_timeout)
+            self.records.append(record)
+            self.note(f"{record.label} ({action.mode}) of {short(target)}: "
+                      f"cascade={cascade} wait_timeout={wait_timeout}")
+            thread = threading.Thread(target=_stop_in_thread, args=(rt, self.url, record, barrier),
+                                      name=f"property-{record.label}", daemon=True)
+            thread.start()
+            started.append((thread, record))
+        if action.mode == "background":
+            self.threads.extend(started)
+        else:
+            for thread, record in started:
+                self._join(thread, record)
+
+    def _join(self, thread: threading.Thread, record: StopRecord) -> None:
+        thread.join(timeout=max(0.0, record.sent_at + record.wait_timeout + self.slack + HUNG_AFTER
+                                - time.monotonic()) if record.sent_at else HUNG_AFTER)
+        if thread.is_alive():
+            self.note(f"{record.label} did not return")
+            return
+        if record.error is not None:
+            self.note(f"{record.label} raised {record.error!r} after {record.duration:.3f}s")
+        elif record.ack is not None:
+            ack = record.ack
+            self.note(f"{record.label} returned after {record.duration:.3f}s: "
+                      f"terminated={[short(i) for i in ack.terminated]} "
+                      f"already_final={[short(i) for i in ack.already_final]} "
+                      f"forced={[short(i) for i in ack.forced]}")
+
+    def _join_all(self) -> None:
+        threads, self.threads = self.threads, []
+        for thread, record in threads:
+            self._join(thread, record)
+
+
+def run_example(url: str, scenario: Scenario, slack: float) -> Outcome:
+    return _Example(url, scenario, slack).run()
+
+
+def iter_after(samples: list[Sample], moment: float) -> Iterator[Sample]:
+    """The samples whose reads began at or after ``moment`` (time.monotonic())."""
+    return (s for s in samples if s.begun >= moment)

@@ -1,0 +1,286 @@
+"""Properties of the stop protocol on random graphs, starts and stops, on both databases.
+
+Each hypothesis example (see property_support.py for the scenarios) runs on
+a fresh runtime: it loads a few random graphs (agents starting later graphs,
+sleeps that may ignore the stop, failing nodes, cooperative, stubborn and
+exploding user blocks), starts 1 to 3 roots, and sends 1 to 4 stops of roots
+or of descendants picked from the database, with random ``cascade`` and
+``wait_timeout`` (0 included: "force everything now"), some in the
+background and some twice at once from two threads. A sampler thread reads
+every row of the example every ~20 ms; every stop reads its subtree right
+after it returned; the example ends with ``rt.close()``. Then:
+
+1. A cascading stop leaves its execution's subtree terminal, nodes included,
+   when it returns. A non-cascading one leaves the execution terminal, and
+   none of its children QUEUED at that moment ever runs.
+2. A stop returns within ``wait_timeout + SLACK``.
+3. The ack names the execution, in ``terminated`` or ``already_final``, and a
+   stop returns an ack at all (rather than raising).
+4. A terminal row (execution or node) never changes status, started_at or ended_at.
+5. No sample shows a terminal execution with an active child.
+6. After a stop returned, no node and no child starts in what it stopped.
+7. After ``rt.close()`` nothing is QUEUED or RUNNING.
+
+A non-cascading stop ends only its execution: its RUNNING children run on
+("abandoned", README: the stop protocol), so a TERMINATED parent whose row
+says ``stop_cascade = false`` may have RUNNING (never QUEUED) children. A
+later cascading stop of that execution or of an ancestor answers for them
+too: it finds them in the database and stops them.
+
+Rows of earlier examples stay in the PostgreSQL database: every read is
+scoped to the example's runtime (``runtime_id``) or to a stopped subtree.
+
+Number of examples: ``ACTORGRAPH_PROPERTY_EXAMPLES`` (default 20 per
+database). SLACK: ``ACTORGRAPH_PROPERTY_SLACK`` seconds (default 3.0).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable
+
+import pytest
+from hypothesis import HealthCheck, given, note, settings
+
+from tests.integration.property_support import (
+    ACTIVE,
+    TERMINAL,
+    Outcome,
+    Sample,
+    StopRecord,
+    run_example,
+    scenarios,
+    short,
+)
+
+EXAMPLES = int(os.environ.get("ACTORGRAPH_PROPERTY_EXAMPLES", "20"))
+# Generous, so that a slow or loaded machine does not fail invariant 2: a
+# correct stop may take wait_timeout + 1 s (a child silent after the
+# deadline gets CHILD_GRACE, see actors/supervision.py) + its commits.
+# The price: a stop late by less than SLACK goes unnoticed; with
+# failure_timeout 2 s (property_support.FAILURE_TIMEOUT) a stop that waits
+# for a failure's deadline instead of its own is only caught with SLACK < 2.
+SLACK = float(os.environ.get("ACTORGRAPH_PROPERTY_SLACK", "3.0"))
+# Hypothesis may shrink a failure for up to 300 s after the examples ran.
+TEST_TIMEOUT = 120 + 20 * EXAMPLES + 330
+# Each check reports at most this many violations (the rest are counted).
+SHOWN = 5
+
+
+@pytest.fixture
+def example_url(database_url: str, tmp_path_factory: pytest.TempPathFactory):
+    """``make()`` -> the database URL for one example: a fresh SQLite file, or the test's PostgreSQL database."""
+
+    def make() -> str:
+        if database_url.startswith("sqlite"):
+            return f"sqlite:///{tmp_path_factory.mktemp('example') / 'actorgraph.db'}"
+        return database_url
+
+    return make
+
+
+@pytest.mark.timeout(TEST_TIMEOUT)
+@settings(max_examples=EXAMPLES, deadline=None, print_blob=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(scenario=scenarios())
+def test_stop_properties(example_url, scenario) -> None:
+    outcome = run_example(example_url(), scenario, SLACK)
+    note(outcome.timeline())
+    harness = [f"{r.label}: {r.harness_error!r}" for r in outcome.records if r.harness_error is not None]
+    assert not harness, f"the test's own machinery failed (not an invariant): {harness}"
+
+    # One assert per invariant, each on its own line: hypothesis tells failures
+    # apart by where they are raised and shrinks each one on its own. Stops
+    # that raised are checked last, so that an example where one stop raised
+    # still shows what the others broke.
+    assert_none(subtree_not_terminal_after_stop(outcome), "1: subtree not terminal when the stop returned")
+    assert_none(queued_child_ran_after_non_cascading_stop(outcome), "1: a QUEUED child ran after a non-cascading stop")
+    assert_none(terminal_parent_with_active_child(outcome), "5: terminal parent with an active child")
+    assert_none(terminal_row_changed(outcome), "4: a terminal row changed")
+    assert_none(started_after_ack(outcome), "6: a node or child started after the stop returned")
+    assert_none(active_after_close(outcome), "7: QUEUED or RUNNING after rt.close()")
+    assert_none(stop_too_slow(outcome), f"2: a stop took longer than wait_timeout + {SLACK}s")
+    assert_none(ack_without_execution(outcome), "3: the ack does not name the stopped execution")
+    assert_none(stop_raised(outcome), "3: rt.stop raised instead of acknowledging")
+
+
+def assert_none(violations: list[str], invariant: str) -> None:
+    if violations:
+        shown = "\n  ".join(violations[:SHOWN])
+        more = f"\n  ... and {len(violations) - SHOWN} more" if len(violations) > SHOWN else ""
+        raise AssertionError(f"invariant {invariant}:\n  {shown}{more}")
+
+
+# -- what a stop answers for ---------------------------------------------------------
+
+def abandons(row: dict[str, Any]) -> bool:
+    """Ended by a non-cascading stop: its RUNNING children run on, no longer its subtree's."""
+    return row["status"] == "TERMINATED" and not row["stop_cascade"]
+
+
+def stopped_ids(record: StopRecord) -> set[str]:
+    """What the stop answers for, from the rows read right after it returned.
+
+    Non-cascading: the execution alone. Cascading: the execution and all its
+    descendants, those a non-cascading stop left running included.
+    """
+    if not record.cascade:
+        return {record.target}
+    return {r["id"] for r in record.rows}
+
+
+def acknowledged(outcome: Outcome) -> Iterable[StopRecord]:
+    return (r for r in outcome.records if r.ack is not None and r.returned_at is not None)
+
+
+def every_sample(outcome: Outcome) -> list[Sample]:
+    return outcome.samples + ([outcome.final] if outcome.final is not None else [])
+
+
+def describe(record: StopRecord) -> str:
+    return (f"{record.label} of {short(record.target)} (cascade={record.cascade}, "
+            f"wait_timeout={record.wait_timeout})")
+
+
+# -- invariants ------------------------------------------------------------------------
+
+def subtree_not_terminal_after_stop(outcome: Outcome) -> list[str]:
+    """1: read right after the return, what the stop answers for is terminal, nodes included."""
+    violations = []
+    for record in acknowledged(outcome):
+        rows = {r["id"]: r for r in record.rows}
+        if record.target not in rows:
+            violations.append(f"{describe(record)}: its row is missing")
+            continue
+        ids = stopped_ids(record)
+        active = sorted(f"{short(i)}={rows[i]['status']}" for i in ids if rows[i]["status"] in ACTIVE)
+        nodes = sorted(f"{short(n['graph_execution_id'])}.{n['node_id']}={n['status']}" for n in record.nodes
+                       if n["graph_execution_id"] in ids and n["status"] in ACTIVE)
+        if active or nodes:
+            violations.append(f"{describe(record)} returned after {record.duration:.3f}s with "
+                              f"executions {active} and nodes {nodes} still active")
+    return violations
+
+
+def queued_child_ran_after_non_cascading_stop(outcome: Outcome) -> list[str]:
+    """1: a child QUEUED when a non-cascading stop of its parent returned never becomes RUNNING."""
+    violations = []
+    for record in acknowledged(outcome):
+        if record.cascade:
+            continue
+        queued = {r["id"] for r in record.rows if r["parent_id"] == record.target and r["status"] == "QUEUED"}
+        for sample in every_sample(outcome):
+            if sample.begun < record.returned_at:
+                continue
+            for child in queued:
+                row = sample.executions.get(child)
+                if row is not None and (row["status"] == "RUNNING" or row["started_at"] is not None):
+                    violations.append(f"{describe(record)}: child {short(child)}, QUEUED when it returned, "
+                                      f"is {row['status']} (started_at {row['started_at']}) "
+                                      f"{sample.begun - record.returned_at:.3f}s later")
+                    queued.discard(child)
+                    break
+    return violations
+
+
+def terminal_parent_with_active_child(outcome: Outcome) -> list[str]:
+    """5: in every sample (one SELECT, one snapshot) and every read after a stop."""
+    violations: list[str] = []
+    seen: set[tuple[str, str, str]] = set()
+    snapshots = [(f"sample at {s.begun - outcome.began:.3f}s", s.executions) for s in every_sample(outcome)]
+    snapshots += [(f"read after {r.label}", {row["id"]: row for row in r.rows}) for r in acknowledged(outcome)]
+    for where, rows in snapshots:
+        for row in rows.values():
+            parent = rows.get(row["parent_id"])
+            if parent is None or row["status"] not in ACTIVE or parent["status"] not in TERMINAL:
+                continue
+            if abandons(parent) and row["status"] == "RUNNING":
+                continue  # a non-cascading stop lets its running children run on
+            key = (parent["id"], row["id"], row["status"])
+            if key not in seen:
+                seen.add(key)
+                violations.append(f"{where}: parent {short(parent['id'])} is {parent['status']} while child "
+                                  f"{short(row['id'])} is {row['status']}")
+    return violations
+
+
+def terminal_row_changed(outcome: Outcome) -> list[str]:
+    """4: once terminal, the same (status, started_at, ended_at) in every later sample."""
+    violations = []
+    first: dict[tuple[str, Any], tuple[float, tuple]] = {}
+    for sample in every_sample(outcome):
+        for table, rows in (("execution", sample.executions), ("node", sample.nodes)):
+            for key, row in rows.items():
+                state = (row["status"], str(row["started_at"]), str(row["ended_at"]))
+                if (table, key) in first:
+                    at, was = first[(table, key)]
+                    if state != was:
+                        name = short(key) if table == "execution" else f"{short(row['graph_execution_id'])}.{row['node_id']}"
+                        violations.append(f"{table} {name} was {was} at {at - outcome.began:.3f}s, "
+                                          f"then {state} at {sample.begun - outcome.began:.3f}s")
+                        first[(table, key)] = (sample.begun, state)
+                elif row["status"] in TERMINAL:
+                    first[(table, key)] = (sample.begun, state)
+    return violations
+
+
+def started_after_ack(outcome: Outcome) -> list[str]:
+    """6: after a stop returned, what it answers for keeps the same nodes (same started_at) and children."""
+    violations = []
+    for record in acknowledged(outcome):
+        ids = stopped_ids(record)
+        known = {r["id"] for r in record.rows}
+        nodes = {n["id"]: str(n["started_at"]) for n in record.nodes if n["graph_execution_id"] in ids}
+        for sample in every_sample(outcome):
+            if sample.begun < record.returned_at:
+                continue
+            now = {k: str(n["started_at"]) for k, n in sample.nodes.items() if n["graph_execution_id"] in ids}
+            new_children = sorted(short(i) for i, r in sample.executions.items()
+                                  if r["parent_id"] in ids and i not in known)
+            if now != nodes or new_children:
+                added = sorted(f"{short(n['graph_execution_id'])}.{n['node_id']}" for k, n in sample.nodes.items()
+                               if k in now and now[k] != nodes.get(k))
+                violations.append(f"{describe(record)}: {sample.begun - record.returned_at:.3f}s after it "
+                                  f"returned, nodes started or restarted {added}, new children {new_children}")
+                break
+    return violations
+
+
+def active_after_close(outcome: Outcome) -> list[str]:
+    """7: rt.close() stops everything: no row of the example is QUEUED or RUNNING."""
+    if outcome.final is None:
+        return ["no read after rt.close()"]
+    executions = sorted(f"{short(i)}={r['status']}" for i, r in outcome.final.executions.items()
+                        if r["status"] in ACTIVE)
+    nodes = sorted(f"{short(n['graph_execution_id'])}.{n['node_id']}={n['status']}"
+                   for n in outcome.final.nodes.values() if n["status"] in ACTIVE)
+    return [f"executions {executions}, nodes {nodes}"] if executions or nodes else []
+
+
+def stop_too_slow(outcome: Outcome) -> list[str]:
+    """2: duration <= wait_timeout + SLACK; a stop that never returned counts too."""
+    violations = []
+    for record in outcome.records:
+        if record.harness_error is not None:
+            continue
+        if record.returned_at is None:
+            violations.append(f"{describe(record)} had not returned when the example ended")
+        elif record.duration > record.wait_timeout + SLACK:
+            violations.append(f"{describe(record)} took {record.duration:.3f}s")
+    return violations
+
+
+def ack_without_execution(outcome: Outcome) -> list[str]:
+    """3: ack.execution_id is the stopped id, and the id is in terminated or already_final."""
+    violations = []
+    for record in acknowledged(outcome):
+        ack = record.ack
+        status = {r["id"]: r["status"] for r in record.rows}.get(record.target)
+        if ack.execution_id != record.target or record.target not in ack.terminated + ack.already_final:
+            violations.append(f"{describe(record)}: {ack!r} (its row: {status})")
+    return violations
+
+
+def stop_raised(outcome: Outcome) -> list[str]:
+    """3: every stop of an existing execution of one's own returns an ack."""
+    return [f"{describe(record)} raised {record.error!r}" for record in outcome.records
+            if record.error is not None]
