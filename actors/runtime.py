@@ -52,8 +52,11 @@ WAIT_POLL = 0.05  # how often wait() re-reads an execution hosted elsewhere
 # are forcing their work), how long its commits may take while the database
 # answers, before the stop reports StopTimeout.
 COMMIT_SLACK = 10.0
-# A commit trying this long counts as a database that does not answer.
-DATABASE_PATIENCE = 0.5
+# A commit still trying after this long counts as a database that does not
+# answer (a SQLite lock held elsewhere, a server that accepts no more): a
+# stop past its deadline then reports it. Long enough that a large but
+# healthy commit (a whole big tree is one or a few) is not taken for one.
+DATABASE_PATIENCE = 2.0
 
 # A GIL switch interval for programs that run thousands of threads (such as
 # the benchmark's plain-pykka floor, one ThreadingActor per execution): there,
