@@ -78,7 +78,8 @@ class Runtime:
         max_depth: deepest level a child may run at (a root is at depth 0).
         block_workers: threads for user blocks (built-in blocks use none).
         actor_threads: threads that run the execution actors' turns; every
-            actor of this runtime shares them (see actors/dispatch.py).
+            actor of this runtime shares them. Turns never block, so one is
+            enough (see actors/dispatch.py for why more is slower).
         failure_timeout: how long a failing execution waits for its running
             work to end before terminating it anyway.
         switch_interval: raise the interpreter's GIL switch interval to at
@@ -91,7 +92,7 @@ class Runtime:
 
     def __init__(self, database: str | None = None, *, max_running_per_user: int | None = None,
                  max_running_per_graph: int | None = None, max_depth: int = 32,
-                 block_workers: int = 32, failure_timeout: float = 15.0, actor_threads: int = 2,
+                 block_workers: int = 32, failure_timeout: float = 15.0, actor_threads: int = 1,
                  switch_interval: float | None = None) -> None:
         if not isinstance(max_depth, int) or isinstance(max_depth, bool) or max_depth < 0:
             raise InvalidInput(f"max_depth must be a non-negative integer, not {max_depth!r}")
