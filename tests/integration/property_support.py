@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any
 
 from hypothesis import assume
 from hypothesis import strategies as st
@@ -49,7 +49,7 @@ TERMINAL = ("COMPLETED", "FAILED", "TERMINATED")
 
 @dataclasses.dataclass(frozen=True)
 class Node:
-    """One drawn node (``late_*`` kinds are two linked nodes in the graph file).
+    """One drawn node (``late_*`` and ``held_fail`` are two or three nodes in the graph file).
 
     kind:
         sleep:      built-in ``sleep`` of ``seconds``, ``ignore_stop`` as drawn.
@@ -59,6 +59,9 @@ class Node:
         fail:       built-in ``fail``: fails as soon as it starts.
         bad_sleep:  a ``sleep`` whose ``seconds`` is not a number: fails when it starts.
         late_fail:  a sleep of ``seconds`` (``ignore_stop`` as drawn), then ``fail``.
+        held_fail:  a late_fail beside a long sleep that ignores the stop: the
+                    failing execution waits failure_timeout for it, and a stop
+                    that meets the failure must not wait as long.
         coop:       user block looping on ``ctx.sleep`` for ``seconds``; a stop ends it.
         stubborn:   user block ignoring the stop (``time.sleep(seconds)``).
         explode:    user block waiting ``seconds`` cooperatively, then raising.
@@ -76,6 +79,8 @@ class Node:
             return f"late_agent({self.seconds}, g{self.target})"
         if self.kind in ("fail", "bad_sleep"):
             return self.kind
+        if self.kind == "held_fail":
+            return f"held_fail({self.seconds})"
         flag = ", ignore_stop" if self.ignore_stop else ""
         return f"{self.kind}({self.seconds}{flag})"
 
@@ -93,9 +98,11 @@ class Node:
             return {name: {"block": "fail", "input": {"message": "drawn to fail"}}}, []
         if self.kind == "bad_sleep":
             return {name: {"block": "sleep", "input": {"seconds": "soon"}}}, []
-        if self.kind == "late_fail":
+        if self.kind in ("late_fail", "held_fail"):
             nodes = {f"{name}_wait": {"block": "sleep", "input": {**self._sleep_input(), "value": "late failure"}},
                      name: {"block": "fail"}}
+            if self.kind == "held_fail":
+                nodes[f"{name}_hold"] = {"block": "sleep", "input": {"seconds": LONG, "ignore_stop": True}}
             return nodes, [{"from": f"{name}_wait.value", "to": f"{name}.message"}]
         return {name: {"block": self.kind, "input": {"seconds": self.seconds}}}, []
 
@@ -151,14 +158,17 @@ class Scenario:
                        if n.kind in ("agent", "late_agent"))
 
 
-SLEEP_SECONDS = (0.05, 0.3, 1.0, 30.0)
+# A sleep this long never ends during an example: only a stop (or, with
+# ignore_stop, a deadline) ends it.
+LONG = 30.0
+SLEEP_SECONDS = (0.05, 0.3, 1.0, LONG)
 DELAYS = (0.0, 0.05, 0.2, 0.5)
-COOP_SECONDS = (0.1, 0.5, 30.0)
+COOP_SECONDS = (0.1, 0.5, LONG)
 # Stubborn blocks hold a worker thread past rt.close(): keep them short.
 STUBBORN_SECONDS = (0.05, 0.3, 1.0)
 # Weighted: agents and sleeps are the common case, failures the spice.
 KINDS = ("sleep", "agent", "sleep", "agent", "late_agent", "coop", "stubborn",
-         "late_fail", "explode", "fail", "bad_sleep")
+         "late_fail", "held_fail", "explode", "fail", "bad_sleep")
 WAIT_TIMEOUTS = st.one_of(st.sampled_from((0.0, 0.05, 0.2, 0.5, 1.0, 2.0)),
                           st.floats(min_value=0.05, max_value=2.0, allow_nan=False))
 
@@ -177,6 +187,8 @@ def nodes(draw: Any, index: int, graph_count: int) -> Node:
         return Node(kind, seconds=draw(st.sampled_from(SLEEP_SECONDS)), ignore_stop=draw(st.booleans()))
     if kind == "late_fail":
         return Node(kind, seconds=draw(st.sampled_from(DELAYS)), ignore_stop=draw(st.booleans()))
+    if kind == "held_fail":
+        return Node(kind, seconds=draw(st.sampled_from(DELAYS)))
     if kind == "coop":
         return Node(kind, seconds=draw(st.sampled_from(COOP_SECONDS)))
     if kind == "stubborn":
@@ -407,13 +419,14 @@ class _Example:
         self.scenario = scenario
         self.slack = slack
         self.began = time.monotonic()
-        self.log: list[str] = []
+        self.log: list[tuple[float, str]] = []
         self.records: list[StopRecord] = []
         self.threads: list[tuple[threading.Thread, StopRecord]] = []
         self.roots: list[str] = []
 
-    def note(self, text: str) -> None:
-        self.log.append(f"{time.monotonic() - self.began:7.3f}s {text}")
+    def note(self, text: str, at: float | None = None) -> None:
+        """Log ``text`` as of ``at`` (time.monotonic(), default now); the log is sorted by time."""
+        self.log.append((time.monotonic() if at is None else at, text))
 
     def run(self) -> Outcome:
         rt = Runtime(database=self.url, failure_timeout=FAILURE_TIMEOUT)
@@ -448,8 +461,9 @@ class _Example:
                         final = read_sample(observer, rt.runtime_id)
                     finally:
                         observer.close()
+        log = [f"{at - self.began:7.3f}s {text}" for at, text in sorted(self.log, key=lambda entry: entry[0])]
         return Outcome(began=self.began, roots=self.roots, records=self.records,
-                       samples=sampler.samples if sampler else [], final=final, log=self.log)
+                       samples=sampler.samples if sampler else [], final=final, log=log)
 
     def _start_roots(self, rt: Runtime) -> None:
         for start in self.scenario.starts:
@@ -496,13 +510,14 @@ class _Example:
             self.note(f"{record.label} did not return")
             return
         if record.error is not None:
-            self.note(f"{record.label} raised {record.error!r} after {record.duration:.3f}s")
+            self.note(f"{record.label} raised {record.error!r} after {record.duration:.3f}s",
+                      at=record.returned_at)
         elif record.ack is not None:
             ack = record.ack
             self.note(f"{record.label} returned after {record.duration:.3f}s: "
                       f"terminated={[short(i) for i in ack.terminated]} "
                       f"already_final={[short(i) for i in ack.already_final]} "
-                      f"forced={[short(i) for i in ack.forced]}")
+                      f"forced={[short(i) for i in ack.forced]}", at=record.returned_at)
 
     def _join_all(self) -> None:
         threads, self.threads = self.threads, []
@@ -512,8 +527,3 @@ class _Example:
 
 def run_example(url: str, scenario: Scenario, slack: float) -> Outcome:
     return _Example(url, scenario, slack).run()
-
-
-def iter_after(samples: list[Sample], moment: float) -> Iterator[Sample]:
-    """The samples whose reads began at or after ``moment`` (time.monotonic())."""
-    return (s for s in samples if s.begun >= moment)

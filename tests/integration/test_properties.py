@@ -30,8 +30,8 @@ too: it finds them in the database and stops them.
 Rows of earlier examples stay in the PostgreSQL database: every read is
 scoped to the example's runtime (``runtime_id``) or to a stopped subtree.
 
-Number of examples: ``ACTORGRAPH_PROPERTY_EXAMPLES`` (default 20 per
-database). SLACK: ``ACTORGRAPH_PROPERTY_SLACK`` seconds (default 3.0).
+Number of examples: ``ACTORGRAPH_PROPERTY_EXAMPLES`` (default 25 per
+database). SLACK: ``ACTORGRAPH_PROPERTY_SLACK`` seconds (default 1.5, see SLACK).
 """
 from __future__ import annotations
 
@@ -52,14 +52,20 @@ from tests.integration.property_support import (
     short,
 )
 
-EXAMPLES = int(os.environ.get("ACTORGRAPH_PROPERTY_EXAMPLES", "20"))
-# Generous, so that a slow or loaded machine does not fail invariant 2: a
-# correct stop may take wait_timeout + 1 s (a child silent after the
-# deadline gets CHILD_GRACE, see actors/supervision.py) + its commits.
-# The price: a stop late by less than SLACK goes unnoticed; with
-# failure_timeout 2 s (property_support.FAILURE_TIMEOUT) a stop that waits
-# for a failure's deadline instead of its own is only caught with SLACK < 2.
-SLACK = float(os.environ.get("ACTORGRAPH_PROPERTY_SLACK", "3.0"))
+EXAMPLES = int(os.environ.get("ACTORGRAPH_PROPERTY_EXAMPLES", "25"))
+# How late a stop may return (invariant 2). A correct stop returns within
+# wait_timeout + its commits, + CHILD_GRACE (1 s, actors/supervision.py) in
+# the rare case of a child silent after the deadline. Measured on a 2-core
+# machine with the sampler running (634 stops, both databases), a stop whose
+# subtree had no failure returned at most 0.45 s after its wait_timeout
+# (99% within 0.01 s). 1.5 s leaves room for a slower machine and still
+# sees a stop wait for a failure's deadline (failure_timeout is 2 s, see
+# property_support.FAILURE_TIMEOUT) instead of its own, which a 3 s slack
+# would hide. Raise it on a much slower machine.
+SLACK = float(os.environ.get("ACTORGRAPH_PROPERTY_SLACK", "1.5"))
+# Stops sent this close together (the two of a "concurrent" step) may reach
+# the actor in either order.
+SKEW = 0.1
 # Hypothesis may shrink a failure for up to 300 s after the examples ran.
 TEST_TIMEOUT = 120 + 20 * EXAMPLES + 330
 # Each check reports at most this many violations (the rest are counted).
@@ -88,26 +94,25 @@ def test_stop_properties(example_url, scenario) -> None:
     harness = [f"{r.label}: {r.harness_error!r}" for r in outcome.records if r.harness_error is not None]
     assert not harness, f"the test's own machinery failed (not an invariant): {harness}"
 
-    # One assert per invariant, each on its own line: hypothesis tells failures
-    # apart by where they are raised and shrinks each one on its own. Stops
-    # that raised are checked last, so that an example where one stop raised
-    # still shows what the others broke.
-    assert_none(subtree_not_terminal_after_stop(outcome), "1: subtree not terminal when the stop returned")
-    assert_none(queued_child_ran_after_non_cascading_stop(outcome), "1: a QUEUED child ran after a non-cascading stop")
-    assert_none(terminal_parent_with_active_child(outcome), "5: terminal parent with an active child")
-    assert_none(terminal_row_changed(outcome), "4: a terminal row changed")
-    assert_none(started_after_ack(outcome), "6: a node or child started after the stop returned")
-    assert_none(active_after_close(outcome), "7: QUEUED or RUNNING after rt.close()")
-    assert_none(stop_too_slow(outcome), f"2: a stop took longer than wait_timeout + {SLACK}s")
-    assert_none(ack_without_execution(outcome), "3: the ack does not name the stopped execution")
-    assert_none(stop_raised(outcome), "3: rt.stop raised instead of acknowledging")
+    # One assert per invariant, each on its own line of this function:
+    # hypothesis tells failures apart by the line that raised them, and
+    # shrinks each one on its own. Stops that raised are checked last, so
+    # that an example where one stop raised still shows what the others broke.
+    assert not (v := subtree_not_terminal_after_stop(outcome)), report("1: subtree active after the stop", v)
+    assert not (v := queued_child_ran_after_non_cascading_stop(outcome)), report("1: QUEUED child ran", v)
+    assert not (v := terminal_parent_with_active_child(outcome)), report("5: terminal parent, active child", v)
+    assert not (v := terminal_row_changed(outcome)), report("4: a terminal row changed", v)
+    assert not (v := started_after_ack(outcome)), report("6: started after the stop returned", v)
+    assert not (v := active_after_close(outcome)), report("7: QUEUED or RUNNING after rt.close()", v)
+    assert not (v := stop_too_slow(outcome)), report(f"2: longer than wait_timeout + {SLACK}s", v)
+    assert not (v := ack_without_execution(outcome)), report("3: the ack does not name the execution", v)
+    assert not (v := stop_raised(outcome)), report("3: rt.stop raised instead of acknowledging", v)
 
 
-def assert_none(violations: list[str], invariant: str) -> None:
-    if violations:
-        shown = "\n  ".join(violations[:SHOWN])
-        more = f"\n  ... and {len(violations) - SHOWN} more" if len(violations) > SHOWN else ""
-        raise AssertionError(f"invariant {invariant}:\n  {shown}{more}")
+def report(invariant: str, violations: list[str]) -> str:
+    shown = "\n  ".join(violations[:SHOWN])
+    more = f"\n  ... and {len(violations) - SHOWN} more" if len(violations) > SHOWN else ""
+    return f"invariant {invariant}:\n  {shown}{more}"
 
 
 # -- what a stop answers for ---------------------------------------------------------
@@ -214,7 +219,8 @@ def terminal_row_changed(outcome: Outcome) -> list[str]:
                 if (table, key) in first:
                     at, was = first[(table, key)]
                     if state != was:
-                        name = short(key) if table == "execution" else f"{short(row['graph_execution_id'])}.{row['node_id']}"
+                        name = short(key if table == "execution" else row["graph_execution_id"])
+                        name += "" if table == "execution" else f".{row['node_id']}"
                         violations.append(f"{table} {name} was {was} at {at - outcome.began:.3f}s, "
                                           f"then {state} at {sample.begun - outcome.began:.3f}s")
                         first[(table, key)] = (sample.begun, state)
@@ -257,15 +263,28 @@ def active_after_close(outcome: Outcome) -> list[str]:
 
 
 def stop_too_slow(outcome: Outcome) -> list[str]:
-    """2: duration <= wait_timeout + SLACK; a stop that never returned counts too."""
+    """2: a stop returns within wait_timeout + SLACK; one that never returned counts too.
+
+    A stop that arrives while another is in progress gets that stop's ack
+    (README: the stop protocol), so it may wait for that stop's deadline:
+    its bound is the largest wait_timeout of the stops under way when it
+    was sent (any target, to stay on the safe side). A failure in progress
+    gives no such allowance: a stop must not wait for a failure's deadline.
+    """
     violations = []
     for record in outcome.records:
         if record.harness_error is not None:
             continue
         if record.returned_at is None:
             violations.append(f"{describe(record)} had not returned when the example ended")
-        elif record.duration > record.wait_timeout + SLACK:
-            violations.append(f"{describe(record)} took {record.duration:.3f}s")
+            continue
+        under_way = [other for other in outcome.records if other is not record
+                     and other.sent_at <= record.sent_at + SKEW
+                     and (other.returned_at is None or other.returned_at > record.sent_at)]
+        wait_timeout = max([record.wait_timeout] + [other.wait_timeout for other in under_way])
+        if record.duration > wait_timeout + SLACK:
+            others = f" (stops under way: {[o.label for o in under_way]})" if under_way else ""
+            violations.append(f"{describe(record)} took {record.duration:.3f}s{others}")
     return violations
 
 
