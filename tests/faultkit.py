@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import IO, Any, Sequence
 
+from persistence import pid_alive
+
 # Generous bounds for a 2-core machine running a test suite beside the server.
 PG_CTL_TIMEOUT = 60.0
 PORT_FREE_TIMEOUT = 30.0
@@ -80,20 +82,6 @@ def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     except OSError as exc:
         return f"(no log at {path}: {exc})"
     return "\n".join(text.splitlines()[-lines:])
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _children_of(pid: int) -> list[int]:
@@ -255,7 +243,7 @@ class PostgresCluster:
                 first = lock.read_text().splitlines()[0].strip()
             except (OSError, IndexError):
                 continue
-            if first.isdigit() and not _pid_alive(int(first)):
+            if first.isdigit() and not pid_alive(int(first)):
                 lock.unlink(missing_ok=True)
                 if extra is not None:
                     extra.unlink(missing_ok=True)
@@ -284,19 +272,19 @@ class PostgresCluster:
         """
         self._check_open()
         pid = self.postmaster_pid()
-        if pid is None or not _pid_alive(pid):
+        if pid is None or not pid_alive(pid):
             raise FaultKitError(f"no live postmaster to kill (postmaster.pid says {pid})")
         children = _children_of(pid)
         os.kill(pid, signal.SIGKILL)
-        _wait_for(lambda: not _pid_alive(pid), timeout, f"postmaster {pid} to die")
+        _wait_for(lambda: not pid_alive(pid), timeout, f"postmaster {pid} to die")
         try:
-            _wait_for(lambda: not any(_pid_alive(child) for child in children), timeout,
+            _wait_for(lambda: not any(pid_alive(child) for child in children), timeout,
                       "the backends of the killed postmaster to exit")
         except FaultKitError:
             for child in children:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child, signal.SIGKILL)
-            _wait_for(lambda: not any(_pid_alive(child) for child in children), timeout,
+            _wait_for(lambda: not any(pid_alive(child) for child in children), timeout,
                       "the SIGKILLed backends to exit")
         self._wait_port_free(timeout)
 
@@ -358,7 +346,7 @@ class PostgresCluster:
             return
         try:
             pid = self.postmaster_pid()
-            if pid is not None and _pid_alive(pid):
+            if pid is not None and pid_alive(pid):
                 try:
                     self.stop("fast", timeout=30)
                 except FaultKitError:

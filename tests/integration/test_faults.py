@@ -153,6 +153,20 @@ def assert_no_node_started_after(observer: ResilientObserver, root: str, moment:
         assert started is None or started <= moment, f"node started after the stop: {node}"
 
 
+def stop_while_the_database_is_away(rt: Any, root: str) -> tuple[float, dt.datetime]:
+    """Stop with wait_timeout=1: it raises DatabaseError in time, promising to complete later.
+
+    Returns when the stop was called (monotonic) and when it raised (UTC).
+    """
+    called = time.monotonic()
+    with pytest.raises(DatabaseError) as raised:
+        rt.stop(root, user_id=USER, wait_timeout=1.0)
+    elapsed = time.monotonic() - called
+    assert elapsed <= 1.0 + STOP_SLACK, f"stop took {elapsed:.1f}s with wait_timeout=1"
+    assert PROMISE in str(raised.value), str(raised.value)
+    return called, utc_now()
+
+
 def assert_recovers_after_the_fault(rt: Any, observer: ResilientObserver, root: str, statuses: StatusSampler,
                                     *, stop_timeout: float = 15.0, stop_within: float = 30.0) -> None:
     """The ending shared by the faults that heal before anyone stops.
@@ -303,13 +317,7 @@ def test_stop_while_the_server_is_down_completes_when_it_is_back(pg_cluster, fau
 
     pg_cluster.stop()
 
-    called = time.monotonic()
-    with pytest.raises(DatabaseError) as raised:
-        rt.stop(root, user_id=USER, wait_timeout=1.0)
-    elapsed = time.monotonic() - called
-    raised_at = utc_now()
-    assert elapsed <= 1.0 + STOP_SLACK, f"stop took {elapsed:.1f}s with wait_timeout=1"
-    assert PROMISE in str(raised.value), str(raised.value)
+    called, raised_at = stop_while_the_database_is_away(rt, root)
     # The running work was told while the server was still down.
     watch.seen.wait(max(0.0, called + STOP_SEEN_WITHIN - time.monotonic()))
     assert len(watch.seen_at) == 2, f"{len(watch.seen_at)} of 2 watch blocks saw the stop"
@@ -482,13 +490,7 @@ def test_sqlite_write_lock_held_past_the_busy_timeout(tmp_path, runtimes, observ
 
     holder.acquire()
 
-    called = time.monotonic()
-    with pytest.raises(DatabaseError) as raised:
-        rt.stop(root, user_id=USER, wait_timeout=1.0)
-    elapsed = time.monotonic() - called
-    raised_at = utc_now()
-    assert elapsed <= 1.0 + STOP_SLACK, f"stop took {elapsed:.1f}s with wait_timeout=1"
-    assert PROMISE in str(raised.value), str(raised.value)
+    _, raised_at = stop_while_the_database_is_away(rt, root)
     assert holder.holding
     assert holder.acquired_at is not None
     hold_until = holder.acquired_at + SQLITE_BUSY_TIMEOUT + 3.0
