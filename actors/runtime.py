@@ -280,11 +280,13 @@ class Runtime:
             answer = ref.ask(stop, block=False)
         except pykka.ActorDeadError:
             return None
-        return self._await_ack(execution_id, answer, stop)
+        return self._await_ack(execution_id, answer, time.monotonic() + stop.wait_timeout)
 
-    def _await_ack(self, execution_id: str, answer: pykka.Future[StopAck], stop: Stop) -> StopAck | None:
-        """Wait for a live actor's StopAck: up to ``wait_timeout``, then as long as the database answers."""
-        deadline = time.monotonic() + stop.wait_timeout
+    def _await_ack(self, execution_id: str, answer: pykka.Future[StopAck], deadline: float) -> StopAck | None:
+        """Wait for a live actor's StopAck: until ``deadline``, then as long as the database answers.
+
+        Returns None if the actor stopped without answering (its row is final).
+        """
         give_up = deadline + CHILD_GRACE + COMMIT_SLACK
         while True:
             now = time.monotonic()
@@ -302,7 +304,7 @@ class Runtime:
                     f"database answers: its rows are then written TERMINATED without another call")
             if now >= give_up:
                 raise StopTimeout(f"execution {execution_id} did not acknowledge its stop "
-                                  f"{give_up - deadline + stop.wait_timeout:.0f}s after it was sent")
+                                  f"{give_up - deadline:.0f}s after its deadline")
 
     def _stop_abandoned(self, ack: StopAck, stop: Stop) -> StopAck:
         """After a cascading stop: stop what a non-cascading stop left running in the subtree.
@@ -437,14 +439,15 @@ class Runtime:
         pending = []
         for identity, ref in self._host.live.tops():
             try:
-                pending.append(ref.ask(dataclasses.replace(stop, user_id=identity.user_id), block=False))
+                pending.append((identity.execution_id,
+                                ref.ask(dataclasses.replace(stop, user_id=identity.user_id), block=False)))
             except pykka.ActorDeadError:
                 pass
         for root in self._admission.queued():
             if self._admission.remove(root.execution_id) is not None:
                 self._close_queued(root, stop)
-        for future in pending:
-            self._await_close(future, deadline)
+        for execution_id, future in pending:
+            self._await_close(execution_id, future, deadline)
         self._host.live.wait_empty(max(0.0, deadline - time.monotonic()))
         if len(self._host.live):
             logger.warning("runtime %s closed with %d executions still live", self.runtime_id,
@@ -464,24 +467,14 @@ class Runtime:
             logger.warning("runtime %s: queued root %s could not be written TERMINATED: %s",
                            self.runtime_id, root.execution_id, exc)
 
-    def _await_close(self, future: pykka.Future[StopAck], deadline: float) -> None:
-        """Wait for one stop of close(): until ``deadline``, then only while the database answers."""
-        give_up = deadline + CHILD_GRACE + COMMIT_SLACK
-        while True:
-            now = time.monotonic()
-            try:
-                future.get(timeout=max(deadline - now, WAIT_POLL))
-                return
-            except pykka.Timeout:
-                pass
-            except pykka.ActorDeadError:
-                return  # it ended on its own meanwhile
-            except Exception as exc:  # noqa: BLE001 - keep closing; say what was left
-                logger.warning("runtime %s: a stop during close failed: %s", self.runtime_id, exc)
-                return
-            now = time.monotonic()
-            if now >= give_up or (now >= deadline and self._store.database_away(DATABASE_PATIENCE)):
-                return
+    def _await_close(self, execution_id: str, future: pykka.Future[StopAck], deadline: float) -> None:
+        """Wait for one stop of close() as a stop waits, but only say what was left: close goes on."""
+        try:
+            self._await_ack(execution_id, future, deadline)
+        except DatabaseError as exc:
+            logger.debug("runtime %s: a stop during close waits for the database: %s", self.runtime_id, exc)
+        except Exception as exc:  # noqa: BLE001 - keep closing; say what was left
+            logger.warning("runtime %s: a stop during close failed: %s", self.runtime_id, exc)
 
     def _release_database(self) -> None:
         """Unregister and close the store; if the database is away, leave a trail for recovery."""
