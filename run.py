@@ -3,6 +3,10 @@
 
     python run.py demo [--depth 3] [--fanout 3] [--stop-after 2.0]
     python run.py run GRAPHS.json GRAPH_ID [--user U] [--input k=v ...] [--stop-after S]
+    python run.py submit GRAPHS.json GRAPH_ID --db postgresql://... [--user U] [--input k=v ...]
+                         [--blocks MODULE ...]
+    python run.py worker --db postgresql://... [--concurrency N] [--max-running-per-user N]
+                         [--max-running-per-graph N] [--blocks MODULE ...] [--drain-timeout S]
     python run.py stop EXEC_ID --user U [--no-cascade] [--timeout S]
     python run.py tree EXEC_ID [--json]
     python run.py list [--user U] [--status S] [--limit N] [--json]
@@ -17,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import importlib
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -53,6 +59,16 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid float") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number of seconds >= 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="run.py", description="Run, stop and look at actorgraph executions.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -77,6 +93,28 @@ def build_parser() -> argparse.ArgumentParser:
                      help="an input; V is parsed as JSON when it parses, else kept as a string")
     run.add_argument("--stop-after", type=_positive(float), default=None, metavar="S",
                      help="stop the tree after S seconds")
+
+    submit = command("submit", "hand a root to the workers (PostgreSQL); print its id")
+    submit.add_argument("graphs", metavar="GRAPHS.json")
+    submit.add_argument("graph_id", metavar="GRAPH_ID")
+    submit.add_argument("--user", default=None, help="user id (default: your login name)")
+    submit.add_argument("--input", action="extend", nargs="+", default=[], metavar="K=V",
+                        help="an input; V is parsed as JSON when it parses, else kept as a string")
+    submit.add_argument("--blocks", action="extend", nargs="+", default=[], metavar="MODULE",
+                        help="import MODULE and call its register(registry) to declare user blocks")
+
+    worker = command("worker", "claim and run submitted roots until SIGTERM or Ctrl-C (PostgreSQL)")
+    worker.add_argument("--concurrency", type=_positive(int), default=4, metavar="N",
+                        help="roots running here at once (default 4)")
+    worker.add_argument("--max-running-per-user", type=_positive(int), default=None, metavar="N",
+                        help="running roots per user, across every worker")
+    worker.add_argument("--max-running-per-graph", type=_positive(int), default=None, metavar="N",
+                        help="running roots per user and graph, across every worker")
+    worker.add_argument("--blocks", action="extend", nargs="+", default=[], metavar="MODULE",
+                        help="import MODULE and call its register(registry) to register user blocks")
+    worker.add_argument("--drain-timeout", type=_non_negative_float, default=30.0, metavar="S",
+                        help="on SIGTERM, how long running trees may take to end before they are "
+                             "stopped (default 30)")
 
     stop = command("stop", "stop an execution (and its subtree) from any process")
     stop.add_argument("execution_id", metavar="EXEC_ID")
@@ -273,6 +311,83 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _require_postgresql(command: str, url: str | None) -> str:
+    """Checked before anything is opened, so that nothing (not even a SQLite file) is created."""
+    from persistence import default_url, is_postgresql, redact
+
+    url = url or default_url()
+    if not is_postgresql(url):
+        raise UsageError(f"run.py {command} needs PostgreSQL (--db postgresql://...): workers coordinate "
+                         f"through it; {redact(url)} is not one")
+    return url
+
+
+def register_block_modules(registry: Any, modules: Sequence[str]) -> None:
+    """Import each module and let it register its blocks: ``register(registry)``."""
+    # The current directory too, as `python -m` would: a project's own block modules.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - any import failure is bad input
+            raise UsageError(f"--blocks {name}: cannot import it: {exc}") from None
+        register = getattr(module, "register", None)
+        if not callable(register):
+            raise UsageError(f"--blocks {name}: the module has no register(registry) function")
+        register(registry)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from actors import Client
+
+    url = _require_postgresql("submit", args.db)
+    inputs = parse_inputs(args.input)
+    with Client(url) as client:
+        register_block_modules(client, args.blocks)
+        graphs = client.load(args.graphs)
+        if args.graph_id not in graphs:
+            raise UsageError(f"run.py submit: graph {args.graph_id!r} is not in {args.graphs} "
+                             f"(graphs: {', '.join(sorted(graphs))})")
+        print(client.submit(args.graph_id, user_id=args.user or _login(), inputs=inputs), flush=True)
+    return EXIT_OK
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Claim and run roots until SIGTERM/SIGINT; then drain and exit 0.
+
+    A runtime that lost its lease (it was cut off long enough for another
+    worker to recover its trees) has halted them without writing; the
+    worker goes on under a new runtime, with a new lease.
+    """
+    from actors import Runtime
+
+    url = _require_postgresql("worker", args.db)
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    while not stopping.is_set():
+        rt = Runtime(url, worker=True, concurrency=args.concurrency,
+                     max_running_per_user=args.max_running_per_user,
+                     max_running_per_graph=args.max_running_per_graph)
+        try:
+            register_block_modules(rt, args.blocks)
+        except BaseException:
+            rt.close()
+            raise
+        print(f"worker {rt.runtime_id} ready", flush=True)
+        while not stopping.is_set() and not rt.lease_lost.is_set():
+            stopping.wait(0.5)
+        if rt.lease_lost.is_set():
+            print(f"worker: runtime {rt.runtime_id}: lease lost; its trees were halted here, nothing was "
+                  f"written for them; continuing under a new lease", file=sys.stderr, flush=True)
+            rt.close(timeout=1.0)
+            continue
+        print(f"worker: draining (up to {args.drain_timeout:g}s)", file=sys.stderr, flush=True)
+        rt.drain(args.drain_timeout)
+    return EXIT_OK
+
+
 def cmd_tree(args: argparse.Namespace) -> int:
     from actors import Reader
 
@@ -310,7 +425,8 @@ def _login() -> str:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "demo": cmd_demo, "run": cmd_run, "stop": cmd_stop, "tree": cmd_tree, "list": cmd_list,
+    "demo": cmd_demo, "run": cmd_run, "submit": cmd_submit, "worker": cmd_worker, "stop": cmd_stop,
+    "tree": cmd_tree, "list": cmd_list,
 }
 
 

@@ -4,6 +4,7 @@ persisted before it is acknowledged.
 Everything a user may touch is listed here; the rest is internal.
 """
 from actors.blocks import BlockContext
+from actors.client import Client
 from actors.errors import InvalidGraph, InvalidInput, StopTimeout
 from actors.graphs import validate_graphs
 from actors.messages import Stop, StopAck
@@ -15,6 +16,7 @@ from persistence import (
     DatabaseError,
     ExecutionRecord,
     ExecutionStatus,
+    LeaseLost,
     NotFound,
     PermissionDenied,
 )
@@ -22,6 +24,7 @@ from persistence import (
 __all__ = [
     # Runtime
     "Runtime",
+    "Client",
     "Reader",
     "stop_execution",
     "BlockContext",
@@ -40,4 +43,5 @@ __all__ = [
     "InvalidInput",
     "StopTimeout",
     "DatabaseError",
+    "LeaseLost",
 ]

@@ -20,6 +20,8 @@ class QueuedRoot:
     user_id: str
     graph_id: str
     inputs: dict[str, Any]
+    # The graph version its row records (a later load may change the graph).
+    bundle: Any
 
 
 class Admission:

@@ -28,6 +28,7 @@ import pykka
 
 from actors import blocks as builtin
 from actors.blocks import BlockContext, BlockKind, BlockSpec, NodeError
+from actors.catalog import Bundle
 from actors.deferred import DeferredReplyActor
 from actors.host import Ended, Host
 from actors.logs import ExecutionLog, Identity
@@ -41,6 +42,7 @@ from actors.messages import (
     ChildWriteQueued,
     DeadlinePassed,
     FinalCommitted,
+    Halt,
     NodeFinished,
     Stop,
     StopAck,
@@ -101,14 +103,16 @@ class NaturalEnd:
 
 
 class ExecutionActor(DeferredReplyActor):
-    def __init__(self, host: Host, identity: Identity, inputs: Mapping[str, Any], *,
+    def __init__(self, host: Host, identity: Identity, inputs: Mapping[str, Any], *, bundle: Bundle,
                  parent_ref: pykka.ActorRef | None, parent_halted: threading.Event | None,
                  running: bool) -> None:
         super().__init__(host.dispatcher)
         self.host = host
         self.identity = identity
         self.inputs = dict(inputs)
-        self.graph = host.graphs[identity.graph_id]
+        # The root's stored graph version: this execution and its children run its graphs.
+        self.bundle = bundle
+        self.graph = bundle.graphs[identity.graph_id]
         self.parent_ref = parent_ref
         # The parent's spawn gate: a child never starts once it is set.
         self.parent_halted = parent_halted
@@ -148,6 +152,7 @@ class ExecutionActor(DeferredReplyActor):
             WriteFailed: self._on_write_failed,
             FinalCommitted: self._on_final_committed,
             DeadlinePassed: self._on_deadline,
+            Halt: self._on_halt,
         }
 
     # -- pykka hooks ------------------------------------------------------
@@ -443,6 +448,32 @@ class ExecutionActor(DeferredReplyActor):
         # cascade already has our ChildEnded in its mailbox.
         self.stop_in_turn()
 
+    # -- lease lost ------------------------------------------------------------
+
+    def _on_halt(self, halt: Halt) -> None:
+        """Another process owns this row now: halt the work here and stop, writing nothing.
+
+        Blocks see ``stop_event``; timers and queued pool work are cancelled.
+        Whoever waits for a stop of ours hears DatabaseError. The parent is
+        halted by the same message, so nobody waits for us.
+        """
+        self.halted.set()
+        for node_id, state in self.nodes.items():
+            # An agent node's handle is its child's id: the child halts on its own Halt.
+            if state.status is NodeStatus.RUNNING and not isinstance(state.handle, str):
+                self._interrupt_node(node_id)
+        self._ops, self._after_commit = [], []
+        error = DatabaseError(f"execution {self.identity.execution_id} was halted without being written: "
+                              f"{halt.reason}")
+        if self.ending is not None and self.ending.asked and not self.ending.result.done():
+            self.ending.result.set_exception(error)
+        for waiter in self.stop_waiters:
+            waiter.set_exception(error)
+        self.stop_waiters = []
+        self.log.warning("halted here, nothing written: %s", halt.reason)
+        self.host.on_halted(self.identity)
+        self.stop_in_turn()
+
     # -- starting -------------------------------------------------------------
 
     def _on_begin(self, _: Begin) -> None:
@@ -470,7 +501,7 @@ class ExecutionActor(DeferredReplyActor):
     def _start_node(self, node_id: str) -> list[str]:
         node = self.graph.nodes[node_id]
         state = self.nodes[node_id]
-        spec = self.host.blocks[node.block]
+        spec = self.host.catalog.blocks[node.block]
         inputs = {**node.static, **state.received}
         state.status = NodeStatus.RUNNING
         now = utcnow()
@@ -522,7 +553,7 @@ class ExecutionActor(DeferredReplyActor):
         graph_id = inputs.get("graph")
         child_inputs = inputs.get("inputs", {})
         depth = self.identity.depth + 1
-        if graph_id not in self.host.graphs:
+        if not isinstance(graph_id, str) or graph_id not in self.bundle.graphs:
             self._fail_node(node_id, f"agent names unknown graph {graph_id!r}")
             return
         if not isinstance(child_inputs, Mapping):
@@ -547,9 +578,10 @@ class ExecutionActor(DeferredReplyActor):
         self._ops.append(InsertExecution(
             id=identity.execution_id, graph_id=graph_id, user_id=identity.user_id,
             status=ExecutionStatus.QUEUED, parent_id=identity.parent_id, depth=depth,
-            runtime_id=self.host.runtime_id, created_at=utcnow(), started_at=None, inputs_json=inputs_json))
-        ref = ExecutionActor.start(self.host, identity, child_inputs, parent_ref=self.actor_ref,
-                                   parent_halted=self.halted, running=False)
+            runtime_id=self.host.runtime_id, created_at=utcnow(), started_at=None, inputs_json=inputs_json,
+            graph_version=self.bundle.version))
+        ref = ExecutionActor.start(self.host, identity, child_inputs, bundle=self.bundle,
+                                   parent_ref=self.actor_ref, parent_halted=self.halted, running=False)
         self.host.live.add(identity, ref)
         self.children[identity.execution_id] = ChildState(ref=ref, node_id=node_id)
         self.nodes[node_id].handle = identity.execution_id

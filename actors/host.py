@@ -13,9 +13,8 @@ from typing import Any, Callable
 
 import pykka
 
-from actors.blocks import BlockSpec
+from actors.catalog import Catalog
 from actors.dispatch import Dispatcher
-from actors.graphs import Graph
 from actors.logs import Identity
 from actors.timers import Timers
 from persistence import ExecutionStatus, Store
@@ -64,6 +63,10 @@ class LiveActors:
         with self._lock:
             return len(self._refs)
 
+    def all(self) -> list[tuple[Identity, pykka.ActorRef]]:
+        with self._lock:
+            return [(self._identities[i], ref) for i, ref in self._refs.items()]
+
     def tops(self) -> list[tuple[Identity, pykka.ActorRef]]:
         """Live executions whose parent is not live here: where a cascade must start."""
         with self._lock:
@@ -93,13 +96,15 @@ class Host:
     # Runs every execution actor's turns: actors share its threads.
     dispatcher: Dispatcher
     pool: concurrent.futures.ThreadPoolExecutor
-    blocks: dict[str, BlockSpec]
-    graphs: dict[str, Graph]
+    # The blocks registered and the graphs loaded (a claimed root brings its own bundle).
+    catalog: Catalog
     max_depth: int
     failure_timeout: float
     live: LiveActors
     # Called in an execution actor's last turn, after its final commit.
     on_ended: Callable[[Ended], None]
+    # Called in an execution actor's last turn when it halted without writing (its lease was lost).
+    on_halted: Callable[[Identity], None]
     # Set (once, for good) when a non-cascading stop first leaves a started
     # child running under a terminal parent: from then on a cascading stop
     # also looks for such children in the database (Runtime._stop_abandoned).

@@ -208,3 +208,13 @@ class DeadlinePassed:
 
     deadline: float
     grace: bool = False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Halt:
+    """To every live actor of a runtime that lost its lease: stop here, write nothing.
+
+    Another process already ended these rows (see persistence.LeaseLost).
+    """
+
+    reason: str

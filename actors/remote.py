@@ -27,6 +27,7 @@ from persistence import (
     RequestStop,
     Store,
     TerminateSubtree,
+    TerminateUnclaimed,
     is_gone,
     utcnow,
 )
@@ -35,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.1   # the watcher's poll: a remote stop is seen within 200 ms
 HEARTBEAT_EVERY = 2.0
-WAIT_INTERVAL = 0.05  # how often a remote stopper looks at the database
+WAIT_INTERVAL = 0.02  # how often a remote stopper looks at the database
 GRACE = 5.0           # beyond wait_timeout, for the host's final commits
 
 
@@ -78,6 +79,12 @@ def owned_record(store: Store, execution_id: str, user_id: str) -> ExecutionReco
 def stop_elsewhere(store: Store, record: ExecutionRecord, stop: Stop) -> StopAck:
     """Stop an execution hosted by another process (or by none) and wait for the database."""
     execution_id = record.id
+    if record.status is ExecutionStatus.QUEUED and record.parent_id is None:
+        # Submitted and not claimed yet: one guarded write ends it, and no
+        # worker claims it afterwards. Claimed meanwhile: stop it on its worker.
+        (moved,) = store.write(TerminateUnclaimed(execution_id=execution_id, reason=stop.reason, at=utcnow()))
+        if moved:
+            return StopAck(execution_id=execution_id, terminated=moved)
     scope = store.subtree(execution_id) if stop.cascade else store.subtree(execution_id)[:1]
     active = [row["id"] for row in scope if not ExecutionStatus(row["status"]).is_terminal]
     already_final = tuple(row["id"] for row in scope if ExecutionStatus(row["status"]).is_terminal)
@@ -124,7 +131,7 @@ class StopWatcher:
         # Requests already handed on (only this thread touches it): a
         # request stays pending in the database until its subtree ends.
         self._handed_on: set[str] = set()
-        self._notices = store.stop_notices()
+        self._notices = store.stop_notices(runtime_id)
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="actorgraph-watcher", daemon=True)
         self._thread.start()
@@ -137,6 +144,8 @@ class StopWatcher:
         self._closed.set()
         self._notices.close()
         self._thread.join(10)
+        if not self._thread.is_alive():
+            self._notices.dispose()
 
     def _loop(self) -> None:
         next_heartbeat = 0.0

@@ -17,19 +17,21 @@ from typing import Any, Callable, Literal, Mapping, overload
 import pykka
 
 from actors.admission import Admission, QueuedRoot
-from actors.blocks import BUILTIN_BLOCKS, user_block
+from actors.catalog import Bundle, Catalog
 from actors.dispatch import Dispatcher
-from actors.errors import InvalidGraph, InvalidInput, StopTimeout
+from actors.errors import InvalidInput, StopTimeout
 from actors.execution import ExecutionActor
-from actors.graphs import parse_graphs, read_graphs
 from actors.host import Ended, Host, LiveActors
 from actors.logs import Identity
-from actors.messages import Begin, Stop, StopAck
+from actors.messages import Begin, Halt, Stop, StopAck
 from actors.reader import Reader
 from actors.remote import StopWatcher, check_wait_timeout, owned_record, stop_elsewhere
+from actors.submit import submit_root
+from actors.worker import Claimer
 from actors.supervision import CHILD_GRACE
 from actors.timers import Timers
 from persistence import (
+    ClaimedRoot,
     DatabaseError,
     ExecutionRecord,
     ExecutionStatus,
@@ -39,8 +41,12 @@ from persistence import (
     RegisterRuntime,
     Store,
     UnregisterRuntime,
+    default_url,
     dumps,
     forget_runtime,
+    is_postgresql,
+    loads,
+    redact,
     utcnow,
 )
 
@@ -85,20 +91,30 @@ class Runtime:
         switch_interval: raise the interpreter's GIL switch interval to at
             least this many seconds (process-wide; see SWITCH_INTERVAL).
             The default, None, leaves it alone.
+        worker: also claim roots submitted by any process (PostgreSQL only;
+            see actors/worker.py). The limits above then count running roots
+            across every worker, in each claim.
+        concurrency: with ``worker``, how many claimed roots run here at once.
 
     Raises:
+        InvalidInput: a bad argument, or ``worker`` on SQLite.
         DatabaseError: the database cannot be opened or migrated.
     """
 
     def __init__(self, database: str | None = None, *, max_running_per_user: int | None = None,
                  max_running_per_graph: int | None = None, max_depth: int = 32,
                  block_workers: int = 32, failure_timeout: float = 15.0, actor_threads: int = 1,
-                 switch_interval: float | None = None) -> None:
+                 switch_interval: float | None = None, worker: bool = False, concurrency: int = 4) -> None:
         if not isinstance(max_depth, int) or isinstance(max_depth, bool) or max_depth < 0:
             raise InvalidInput(f"max_depth must be a non-negative integer, not {max_depth!r}")
-        if not isinstance(actor_threads, int) or isinstance(actor_threads, bool) or actor_threads < 1:
-            raise InvalidInput(f"actor_threads must be a positive integer, not {actor_threads!r}")
+        for name, value in (("actor_threads", actor_threads), ("concurrency", concurrency)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InvalidInput(f"{name} must be a positive integer, not {value!r}")
         self._admission = Admission(max_running_per_user, max_running_per_graph)
+        database = database or default_url()
+        if worker and not is_postgresql(database):
+            raise InvalidInput(f"a worker needs PostgreSQL (the only coordinator between processes), "
+                               f"not {redact(database)}")
         if switch_interval is not None and sys.getswitchinterval() < switch_interval:
             sys.setswitchinterval(switch_interval)
         self._store = Store.open(database)
@@ -110,14 +126,23 @@ class Runtime:
         self._store.recover_lost()
         self._store.write(RegisterRuntime(id=self.runtime_id, host=socket.gethostname(),
                                           pid=os.getpid(), at=utcnow()))
+        # From here on every write holds this runtime's lease (its row).
+        self.lease_lost = threading.Event()
+        self._store.hold_lease(self.runtime_id, self._on_lease_lost)
+        self._catalog = Catalog()
         self._host = Host(
             store=self._store, runtime_id=self.runtime_id, timers=Timers(),
             dispatcher=Dispatcher(actor_threads),
             pool=concurrent.futures.ThreadPoolExecutor(block_workers, thread_name_prefix="actorgraph-block"),
-            blocks=dict(BUILTIN_BLOCKS), graphs={}, max_depth=max_depth,
-            failure_timeout=failure_timeout, live=LiveActors(), on_ended=self._on_ended)
+            catalog=self._catalog, max_depth=max_depth, failure_timeout=failure_timeout, live=LiveActors(),
+            on_ended=self._on_ended, on_halted=self._on_halted)
         self._watcher = StopWatcher(self._store, self.runtime_id, self._on_stop_request)
-        logger.info("runtime %s opened %s", self.runtime_id, self._store.url)
+        self._claimer = Claimer(
+            self._store, self._catalog, self.runtime_id, concurrency=concurrency,
+            per_user=max_running_per_user, per_graph=max_running_per_graph,
+            spawn=self._spawn_claimed) if worker else None
+        logger.info("runtime %s opened %s%s", self.runtime_id, redact(self._store.url),
+                    f" as a worker (concurrency {concurrency})" if worker else "")
 
     # -- context manager ------------------------------------------------------
 
@@ -132,11 +157,12 @@ class Runtime:
     def load(self, source: str | os.PathLike | Mapping[str, Any]) -> list[str]:
         """Validate and add the graphs of a JSON file (or dict); return their ids.
 
-        Nothing is added unless every graph is valid. Raises InvalidGraph.
+        Each graph is stored in the database as a version (see actors/catalog.py),
+        which every execution of it records. Nothing is added unless every
+        graph is valid. Raises InvalidGraph.
         """
-        graphs = parse_graphs(read_graphs(source), self._host.blocks, frozenset(self._host.graphs))
-        self._host.graphs.update(graphs)
-        return list(graphs)
+        self._check_open()
+        return self._catalog.load(source, self._store)
 
     def register_block(self, name: str, fn: Callable[..., Mapping[str, Any]],
                        inputs: Any = None, outputs: Any = None) -> None:
@@ -144,18 +170,14 @@ class Runtime:
 
         Declared ``inputs``/``outputs`` let links to the block be validated.
         """
-        spec = user_block(name, fn, inputs, outputs)
-        if name in self._host.blocks:
-            raise InvalidGraph(f"block {name!r} is already registered")
-        self._host.blocks[name] = spec
+        self._catalog.register_block(name, fn, inputs, outputs)
 
     # -- starting and watching ------------------------------------------------------------
 
     def start(self, graph_id: str, user_id: str, inputs: Mapping[str, Any] | None = None) -> str:
         """Start a root execution; its row exists (RUNNING, or QUEUED over a limit) on return."""
         self._check_open()
-        if graph_id not in self._host.graphs:
-            raise NotFound(f"graph {graph_id!r} was never loaded")
+        bundle = self._catalog.bundle(graph_id)
         if not isinstance(user_id, str) or not user_id:
             raise InvalidInput(f"user_id must be a non-empty string, not {user_id!r}")
         inputs = dict(inputs or {})
@@ -174,23 +196,43 @@ class Runtime:
                 id=identity.execution_id, graph_id=graph_id, user_id=user_id,
                 status=ExecutionStatus.RUNNING if admitted else ExecutionStatus.QUEUED,
                 parent_id=None, depth=0, runtime_id=self.runtime_id, created_at=now,
-                started_at=now if admitted else None, inputs_json=inputs_json), independent=True)
+                started_at=now if admitted else None, inputs_json=inputs_json,
+                graph_version=bundle.version), independent=True)
         except Exception:
             if admitted:
                 self._release(user_id, graph_id)
             raise
         if admitted:
-            self._spawn_root(identity, inputs, running=True)
-        elif self._admission.enqueue_or_admit(QueuedRoot(identity.execution_id, user_id, graph_id, inputs)):
-            self._spawn_root(identity, inputs, running=False)
+            self._spawn_root(identity, inputs, bundle, running=True)
+        elif self._admission.enqueue_or_admit(QueuedRoot(identity.execution_id, user_id, graph_id, inputs,
+                                                         bundle)):
+            self._spawn_root(identity, inputs, bundle, running=False)
         return identity.execution_id
 
-    def _spawn_root(self, identity: Identity, inputs: Mapping[str, Any], *, running: bool) -> None:
-        ref = ExecutionActor.start(self._host, identity, inputs, parent_ref=None, parent_halted=None,
-                                   running=running)
+    def submit(self, graph_id: str, user_id: str, inputs: Mapping[str, Any] | None = None) -> str:
+        """Hand a root to the workers: a QUEUED row any worker may claim; no actor is created here.
+
+        Raises:
+            InvalidInput: on SQLite (no worker can claim it), or inputs that
+                do not fit the graph's ``input`` nodes. Nothing is written.
+            NotFound: the graph was never loaded here.
+        """
+        self._check_open()
+        return submit_root(self._store, self._catalog, graph_id, user_id, inputs)
+
+    def _spawn_root(self, identity: Identity, inputs: Mapping[str, Any], bundle: Bundle, *,
+                    running: bool) -> None:
+        ref = ExecutionActor.start(self._host, identity, inputs, bundle=bundle, parent_ref=None,
+                                   parent_halted=None, running=running)
         # Registered before it begins, so its end always finds it registered.
         self._host.live.add(identity, ref)
         ref.tell(Begin())
+
+    def _spawn_claimed(self, root: ClaimedRoot, bundle: Bundle) -> None:
+        """On the claim loop's thread: a root this worker claimed (its row is RUNNING, owned here)."""
+        identity = Identity(execution_id=root.id, parent_id=None, root_id=root.id, graph_id=root.graph_id,
+                            user_id=root.user_id, depth=0)
+        self._spawn_root(identity, loads(root.inputs_json) or {}, bundle, running=True)
 
     def wait(self, execution_id: str, timeout: float = 10.0, user_id: str | None = None) -> ExecutionRecord:
         """Block until the execution is terminal in the database; raise TimeoutError after ``timeout``."""
@@ -351,6 +393,8 @@ class Runtime:
         queued = self._admission.remove(record.id)
         if queued is not None:
             return self._stop_queued(queued, stop)
+        if self.lease_lost.is_set():
+            raise DatabaseError(f"runtime {self.runtime_id} lost its lease: it stops nothing any more")
         current = self._store.get(record.id)
         if current is not None and current.status.is_terminal:
             return self._stop_abandoned(StopAck(execution_id=record.id, already_final=(record.id,)), stop)
@@ -384,9 +428,17 @@ class Runtime:
 
     def _on_ended(self, ended: Ended) -> None:
         """In the execution actor's last turn, after its final commit."""
-        identity = ended.identity
+        self._gone(ended.identity)
+
+    def _on_halted(self, identity: Identity) -> None:
+        """In the actor's last turn, after it halted without writing (the lease was lost)."""
+        self._gone(identity)
+
+    def _gone(self, identity: Identity) -> None:
         self._host.live.remove(identity.execution_id)
         if identity.parent_id is None:
+            if self._claimer is not None:
+                self._claimer.root_ended(identity.execution_id)
             self._release(identity.user_id, identity.graph_id)
 
     def _release(self, user_id: str, graph_id: str) -> None:
@@ -394,7 +446,28 @@ class Runtime:
             identity = Identity(execution_id=root.execution_id, parent_id=None, root_id=root.execution_id,
                                 graph_id=root.graph_id, user_id=root.user_id, depth=0)
             # Not in the commit callback, which holds the writer's turn: keep it short.
-            self._host.timers.call_soon(functools.partial(self._spawn_root, identity, root.inputs, running=False))
+            self._host.timers.call_soon(functools.partial(self._spawn_root, identity, root.inputs, root.bundle,
+                                                          running=False))
+
+    def _on_lease_lost(self) -> None:
+        """On the committing thread: another process recovered our executions; halt them all here.
+
+        Only messages: each live actor halts in its own turn, without
+        writing (nothing it writes would be let through anyway).
+        """
+        self.lease_lost.set()
+        if self._claimer is not None:
+            self._claimer.pause()
+        for root in self._admission.queued():
+            self._admission.remove(root.execution_id)
+        halted = self._host.live.all()
+        logger.error("runtime %s lost its lease: another process recovered its executions; %d executions "
+                     "are halted here and nothing more is written for them", self.runtime_id, len(halted))
+        for _, ref in halted:
+            try:
+                ref.tell(Halt(reason=f"runtime {self.runtime_id} lost its lease"))
+            except pykka.ActorDeadError:
+                pass
 
     @property
     def live_count(self) -> int:
@@ -415,6 +488,7 @@ class Runtime:
             "connections_opened": self._store.connections_opened,
             "listen_connection": self._watcher.listening,
             "commits": self._store.writer.commits if self._store.writer else 0,
+            "claimed_running": self._claimer.running if self._claimer is not None else 0,
         }
 
     def _check_open(self) -> None:
@@ -433,6 +507,8 @@ class Runtime:
             if self._closed:
                 return
             self._closed = True
+        if self._claimer is not None:
+            self._claimer.close()
         self._watcher.close()
         deadline = time.monotonic() + timeout
         stop = Stop(user_id="", reason="runtime closed", wait_timeout=timeout)
@@ -460,6 +536,19 @@ class Runtime:
         self._release_database()
         logger.info("runtime %s closed", self.runtime_id)
 
+    def drain(self, timeout: float) -> None:
+        """Claim nothing more, let running trees end on their own for up to ``timeout`` s, then close.
+
+        What still runs after ``timeout`` is stopped with a cascade by close().
+        """
+        check_wait_timeout(timeout)
+        if self._claimer is not None:
+            self._claimer.pause()
+        logger.info("runtime %s drains: %d executions live, up to %gs", self.runtime_id,
+                    len(self._host.live), timeout)
+        self._host.live.wait_empty(timeout)
+        self.close()
+
     def _close_queued(self, root: QueuedRoot, stop: Stop) -> None:
         try:
             self._stop_queued(root, dataclasses.replace(stop, user_id=root.user_id))
@@ -478,6 +567,10 @@ class Runtime:
 
     def _release_database(self) -> None:
         """Unregister and close the store; if the database is away, leave a trail for recovery."""
+        if self.lease_lost.is_set():
+            # Our row is gone and nothing of ours is written any more.
+            self._store.close(drain_timeout=1.0)
+            return
         away = self._store.database_away(DATABASE_PATIENCE)
         if not away:
             try:

@@ -17,7 +17,7 @@ import peewee
 from playhouse import db_url
 
 BENCH_APPLICATION_NAME = "actorgraph-bench"
-ACTORGRAPH_TABLES = ("graph_execution", "node_execution", "runtime", "schema_version")
+ACTORGRAPH_TABLES = ("graph_execution", "node_execution", "runtime", "graph_version", "schema_version")
 POLL_INTERVAL_SECONDS = 0.02
 SQLITE_BUSY_TIMEOUT_SECONDS = 30
 

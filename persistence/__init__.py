@@ -2,21 +2,24 @@
 
 It never imports ``actors``: the runtime depends on the store, not the reverse.
 """
-from persistence.database import default_url, redact
+from persistence.database import default_url, is_postgresql, redact
 from persistence.dialect import utcnow
 from persistence.promise import Promise
 from persistence.errors import (
     ActorGraphError,
     DatabaseError,
+    LeaseLost,
     NotFound,
     PermissionDenied,
     TransitionRejected,
 )
-from persistence.records import ExecutionRecord, NodeRecord, dumps
+from persistence.records import ExecutionRecord, NodeRecord, dumps, loads
 from persistence.schema import LATEST_VERSION, current_version
 from persistence.status import ACTIVE, TERMINAL, TRANSITIONS, ExecutionStatus, can_transition, sources_of
 from persistence.store import Store, forget_runtime, is_gone, pid_alive
 from persistence.writes import (
+    ClaimedRoot,
+    ClaimRoots,
     Heartbeat,
     InsertExecution,
     InsertNodes,
@@ -26,20 +29,25 @@ from persistence.writes import (
     Operation,
     RegisterRuntime,
     RequestStop,
+    StoreGraphVersions,
     TerminateSubtree,
+    TerminateUnclaimed,
     UnregisterRuntime,
+    WakeWorkers,
 )
 
 __all__ = [
     # Status machine
     "ExecutionStatus", "TRANSITIONS", "TERMINAL", "ACTIVE", "can_transition", "sources_of",
     # Records
-    "ExecutionRecord", "NodeRecord", "dumps",
+    "ExecutionRecord", "NodeRecord", "dumps", "loads",
     # The store and its write operations
     "Store", "Promise", "Operation", "InsertExecution", "MoveExecutions", "InsertNodes", "NodeRow", "MoveNodes",
     "RequestStop", "TerminateSubtree", "RegisterRuntime", "Heartbeat", "UnregisterRuntime",
-    "LATEST_VERSION", "current_version", "default_url", "redact", "utcnow", "is_gone", "pid_alive",
+    # Graph versions, submitted roots and worker claims
+    "StoreGraphVersions", "WakeWorkers", "ClaimRoots", "ClaimedRoot", "TerminateUnclaimed",
+    "LATEST_VERSION", "current_version", "default_url", "is_postgresql", "redact", "utcnow", "is_gone", "pid_alive",
     "forget_runtime",
     # Errors
-    "ActorGraphError", "NotFound", "PermissionDenied", "DatabaseError", "TransitionRejected",
+    "ActorGraphError", "NotFound", "PermissionDenied", "DatabaseError", "LeaseLost", "TransitionRejected",
 ]

@@ -171,6 +171,11 @@ def connect_params(database: SqliteDatabase | PostgresqlDatabase) -> dict[str, A
     return {"dbname": database.database, **database.connect_params}
 
 
+def is_postgresql(url: str) -> bool:
+    """Whether ``url`` names a PostgreSQL database (checked before anything is opened or created)."""
+    return urlparse(url).scheme in ("postgresql", "postgres")
+
+
 def redact(url: str) -> str:
     """The URL without its password, for messages and logs."""
     parsed = urlparse(url)

@@ -23,5 +23,13 @@ class DatabaseError(ActorGraphError):
     """The database refused, failed or could not be reached."""
 
 
+class LeaseLost(DatabaseError):
+    """This runtime's lease lapsed and another process recovered its executions.
+
+    Every write of the runtime is fenced by its lease: once its ``runtime``
+    row is gone, nothing it submits is written any more.
+    """
+
+
 class TransitionRejected(ActorGraphError):
     """A status write found the row in a status it may not leave that way."""

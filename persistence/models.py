@@ -42,6 +42,8 @@ class GraphExecution(_Model):
     runtime_id = peewee.CharField(null=True, index=True)
     stop_cascade = peewee.BooleanField(default=True)
     stop_forced = peewee.BooleanField(default=False)
+    # Added in schema version 3: the stored graph version (graph_version.version) it runs.
+    graph_version = peewee.CharField(max_length=64, null=True)
 
     class Meta:
         table_name = "graph_execution"
@@ -78,6 +80,22 @@ class RuntimeRow(_Model):
         table_name = "runtime"
 
 
+class GraphVersionRow(_Model):
+    """A graph definition as stored by ``load`` (schema version 3).
+
+    ``definition`` is the canonical JSON of the graph and of every graph its
+    agents may start; ``version`` is its SHA-256, so equal content is one row.
+    """
+
+    version = peewee.CharField(primary_key=True, max_length=64)
+    graph_id = peewee.CharField(index=True)
+    definition = peewee.TextField()
+    created_at = peewee.DateTimeField()
+
+    class Meta:
+        table_name = "graph_version"
+
+
 class SchemaVersion(_Model):
     version = peewee.IntegerField(primary_key=True)
 
@@ -85,4 +103,4 @@ class SchemaVersion(_Model):
         table_name = "schema_version"
 
 
-MODELS = (GraphExecution, NodeExecution, RuntimeRow, SchemaVersion)
+MODELS = (GraphExecution, NodeExecution, RuntimeRow, GraphVersionRow, SchemaVersion)

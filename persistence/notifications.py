@@ -1,9 +1,12 @@
-"""Wake-ups for stop requests made by other processes.
+"""Wake-ups from other processes: stop requests, and roots waiting for a worker.
 
-On PostgreSQL a dedicated connection LISTENs on ``actorgraph_stop``; the
-``RequestStop`` write NOTIFYs it at commit, so the hosting runtime reacts at
-once. SQLite has no such channel: ``wait`` simply times out, and the caller
-polls. Either way the caller polls too, so a lost notice costs one interval.
+On PostgreSQL a dedicated connection LISTENs on a channel: each runtime on
+its own stop channel (``stop_channel``), which the ``RequestStop`` write
+NOTIFYs at commit, so the hosting runtime, and only it, reacts at once; and
+workers on ``CLAIM_CHANNEL``, which a submit NOTIFYs. SQLite has no such
+channel: ``wait`` simply times out, and the caller polls. Either way the
+caller polls too, so a lost notice costs one interval. ``wake`` ends a wait
+from another thread of this process (a worker's slot freed).
 
 When the LISTEN connection breaks (a server restart, a network cut), the
 listener polls meanwhile and reconnects with a bounded backoff.
@@ -11,6 +14,7 @@ listener polls meanwhile and reconnects with a bounded backoff.
 from __future__ import annotations
 
 import logging
+import os
 import select
 import threading
 import time
@@ -23,15 +27,25 @@ from persistence.outage import Backoff, Outage
 
 logger = logging.getLogger(__name__)
 
-CHANNEL = "actorgraph_stop"
+CLAIM_CHANNEL = "actorgraph_claim"
 
 
-class StopNotices:
-    def __init__(self, database: Any | None) -> None:
+def stop_channel(runtime_id: str) -> str:
+    """The channel a runtime LISTENs on for stops of what it hosts (an identifier: 16 + 32 characters)."""
+    return "actorgraph_stop_" + runtime_id.replace("-", "")
+
+
+class Notices:
+    def __init__(self, database: Any | None, channel: str) -> None:
+        self._channel = channel
         self._closed = threading.Event()
+        # A pipe that ``wake`` writes to: select() watches it beside the connection.
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
         self._params = connect_params(database) if database is not None else None
         self._connection: Any = None
-        self._outage = Outage(logger, "stop listener (LISTEN)")
+        self._outage = Outage(logger, f"listener (LISTEN {channel})")
         self._backoff = Backoff()
         self._next_attempt = 0.0
         if self._params is not None:
@@ -43,7 +57,7 @@ class StopNotices:
             connection = psycopg2.connect(**self._params)  # type: ignore[arg-type]
             connection.autocommit = True
             with connection.cursor() as cursor:
-                cursor.execute(f"LISTEN {CHANNEL}")
+                cursor.execute(f"LISTEN {self._channel}")
         except psycopg2.Error as exc:
             self._outage.failed(exc)
             self._next_attempt = time.monotonic() + self._backoff.next_delay()
@@ -58,18 +72,26 @@ class StopNotices:
         """Whether a LISTEN connection is open (one more connection than the pool's)."""
         return self._connection is not None
 
+    def wake(self) -> None:
+        """End the current (or next) ``wait`` at once; safe from any thread."""
+        try:
+            os.write(self._wake_write, b"!")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (a wake is pending anyway) or closed
+
     def wait(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for a notice; True if one (or more) arrived."""
+        """Wait up to ``timeout`` seconds for a notice or a wake; True if one (or more) arrived."""
         if self._connection is None and self._params is not None and not self._closed.is_set() \
                 and time.monotonic() >= self._next_attempt:
             self._connect()
         connection = self._connection
-        if connection is None:
-            self._closed.wait(timeout)
-            return False
+        watched: list[Any] = [self._wake_read] if connection is None else [self._wake_read, connection]
         try:
-            readable, _, _ = select.select([connection], [], [], timeout)
-            if not readable:
+            readable, _, _ = select.select(watched, [], [], timeout)
+            if self._wake_read in readable:
+                self._drain_wakes()
+                return True
+            if connection is None or not readable:
                 return False
             connection.poll()
             arrived = bool(connection.notifies)
@@ -83,9 +105,26 @@ class StopNotices:
             self._next_attempt = time.monotonic() + self._backoff.next_delay()
             return False
 
+    def _drain_wakes(self) -> None:
+        try:
+            while os.read(self._wake_read, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
     def close(self) -> None:
+        """End waiting: the current wait returns at once, and the connection is closed."""
         self._closed.set()
+        self.wake()
         self._drop()
+
+    def dispose(self) -> None:
+        """After close, once no thread waits any more: release the wake pipe."""
+        for fd in (self._wake_read, self._wake_write):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def _drop(self) -> None:
         connection, self._connection = self._connection, None

@@ -4,6 +4,9 @@ Version 1: graph_execution and node_execution.
 Version 2: the runtime registry (table ``runtime``) and the columns that let
            another process stop and recover executions: ``runtime_id``,
            ``stop_cascade``, ``stop_forced``.
+Version 3: stored graph versions (table ``graph_version``) and the version
+           each execution runs (``graph_execution.graph_version``): what lets
+           a worker run exactly the graph that was submitted.
 """
 from __future__ import annotations
 
@@ -14,11 +17,11 @@ from typing import Callable
 import peewee
 
 from persistence.errors import DatabaseError
-from persistence.models import MODELS, RuntimeRow, SchemaVersion
+from persistence.models import MODELS, GraphVersionRow, RuntimeRow, SchemaVersion
 
 logger = logging.getLogger(__name__)
 
-LATEST_VERSION = 2
+LATEST_VERSION = 3
 
 # bind_ctx rebinds the model classes for the whole process: one at a time.
 _BIND_LOCK = threading.Lock()
@@ -40,7 +43,12 @@ def _to_version_2(database: peewee.Database) -> None:
     database.create_tables([RuntimeRow])
 
 
-MIGRATIONS: dict[int, Callable[[peewee.Database], None]] = {2: _to_version_2}
+def _to_version_3(database: peewee.Database) -> None:
+    database.execute_sql("ALTER TABLE graph_execution ADD COLUMN graph_version VARCHAR(64)")
+    database.create_tables([GraphVersionRow])
+
+
+MIGRATIONS: dict[int, Callable[[peewee.Database], None]] = {2: _to_version_2, 3: _to_version_3}
 
 
 def current_version(database: peewee.Database) -> int:

@@ -20,14 +20,14 @@ import peewee
 from persistence import database as databases
 from persistence.dialect import Dialect, marks, utcnow
 from persistence.errors import DatabaseError
-from persistence.notifications import StopNotices
+from persistence.notifications import CLAIM_CHANNEL, Notices, stop_channel
 from persistence.outage import Backoff, Outage
 from persistence.promise import Promise
 from persistence.records import ExecutionRecord, NodeRecord, loads
 from persistence.schema import LATEST_VERSION, current_version, ensure_schema
 from persistence.status import ACTIVE, ExecutionStatus
 from persistence.writer import Writer
-from persistence.writes import Operation, RecoverLostRuntimes
+from persistence.writes import LostRuntime, Operation, RecoverLostRuntimes
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +39,11 @@ _RECORD_COLUMNS = (
     " inputs, outputs, error, stop_reason"
 )
 
-# A runtime on another host is presumed gone when its heartbeat is older than this.
-STALE_AFTER = dt.timedelta(seconds=30)
+# A runtime's lease: it renews its heartbeat every 2 s (actors/remote.py), and
+# is presumed gone when the heartbeat is older than this. Another process
+# then recovers its executions (and fences it: see writes.hold_lease). Hosts'
+# clocks must agree to well within this (NTP does).
+STALE_AFTER = dt.timedelta(seconds=15)
 
 # How long a read keeps retrying a database that is away before it fails.
 READ_PATIENCE = 5.0
@@ -266,8 +269,8 @@ class Store:
     # -- runtimes that are gone ------------------------------------------
 
     @_translated
-    def lost_runtimes(self, now: dt.datetime | None = None) -> list[tuple[str, str]]:
-        """Runtimes that still own active executions but are gone: (id, description).
+    def lost_runtimes(self, now: dt.datetime | None = None) -> list[LostRuntime]:
+        """Runtimes that still own active executions but are gone.
 
         Gone means: on this host with a dead pid, or anywhere with a stale
         heartbeat, or not registered at all (its row was already removed).
@@ -283,12 +286,15 @@ class Store:
         with _CLOSED_LOCK:
             closed = set(_CLOSED_RUNTIMES)
         for runtime_id, host, pid, heartbeat in rows:
+            seen = Dialect.read_time(heartbeat)
+            seen = seen.replace(tzinfo=None) if seen is not None else None
             if host is None:
-                lost.append((runtime_id, f"{runtime_id} (unregistered)"))
+                lost.append(LostRuntime(runtime_id, f"{runtime_id} (unregistered)", None))
             elif runtime_id in closed:
-                lost.append((runtime_id, f"{runtime_id} (closed while the database was unavailable)"))
+                lost.append(LostRuntime(runtime_id, f"{runtime_id} (closed while the database was unavailable)",
+                                        seen))
             elif is_gone(host, pid, Dialect.read_time(heartbeat), now):
-                lost.append((runtime_id, f"{runtime_id} (host {host}, pid {pid})"))
+                lost.append(LostRuntime(runtime_id, f"{runtime_id} (host {host}, pid {pid})", seen))
         return lost
 
     def recover_lost(self) -> tuple[str, ...]:
@@ -299,12 +305,42 @@ class Store:
         (ended,) = self.write(RecoverLostRuntimes(runtimes=tuple(lost), at=utcnow()))
         if ended:
             logger.warning("recovered %d executions of lost runtimes %s", len(ended),
-                           ", ".join(description for _, description in lost))
+                           ", ".join(runtime.description for runtime in lost))
         return ended
 
-    def stop_notices(self) -> StopNotices:
-        """A listener that wakes when another process requests a stop (PostgreSQL LISTEN)."""
-        return StopNotices(self._database if not self._sql.is_sqlite else None)
+    def stop_notices(self, runtime_id: str) -> Notices:
+        """A listener that wakes when another process requests a stop of what ``runtime_id`` hosts."""
+        return Notices(self._database if not self._sql.is_sqlite else None, stop_channel(runtime_id))
+
+    def claim_notices(self) -> Notices:
+        """A listener that wakes when a root is submitted for the workers (PostgreSQL LISTEN)."""
+        return Notices(self._database if not self._sql.is_sqlite else None, CLAIM_CHANNEL)
+
+    def hold_lease(self, runtime_id: str, on_lost: Callable[[], None]) -> None:
+        """Fence every later write by ``runtime_id``'s lease (see Writer.fence)."""
+        if self.writer is None:
+            raise DatabaseError("this store was opened read-only")
+        self.writer.fence(runtime_id, on_lost)
+
+    # -- graph versions ------------------------------------------------------
+
+    @_translated
+    def graph_versions(self) -> list[str]:
+        """Every stored graph version."""
+        return [row[0] for row in self._read("SELECT version FROM graph_version")]
+
+    @_translated
+    def graph_definition(self, version: str) -> tuple[str, str] | None:
+        """A stored version's (graph id, canonical JSON definition)."""
+        rows = self._read("SELECT graph_id, definition FROM graph_version WHERE version = ?", [version])
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    @_translated
+    def latest_graph_version(self, graph_id: str) -> str | None:
+        """The version of ``graph_id`` stored last, if any."""
+        rows = self._read("SELECT version FROM graph_version WHERE graph_id = ? ORDER BY created_at DESC, version"
+                          " LIMIT 1", [graph_id])
+        return rows[0][0] if rows else None
 
     def _record(self, row: tuple) -> ExecutionRecord:
         (id_, graph_id, user_id, status, parent_id, created, started, ended,

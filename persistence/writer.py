@@ -31,15 +31,15 @@ import itertools
 import logging
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 
 from persistence.database import Database, is_transient
 from persistence.dialect import Dialect
-from persistence.errors import DatabaseError
+from persistence.errors import DatabaseError, LeaseLost
 from persistence.outage import Backoff, Outage
 from persistence.promise import Promise
-from persistence.writes import Operation
+from persistence.writes import Operation, hold_lease
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,11 @@ class Writer:
         self.outage = Outage(logger, "database writer")
         self._backoff = Backoff()
         self._attempt_started: float | None = None
+        # The runtime whose lease fences every transaction (see fence), and
+        # what to call, once, when it is found lost.
+        self._fence_owner: str | None = None
+        self._on_lease_lost: Callable[[], None] | None = None
+        self._lease_lost: LeaseLost | None = None
         self.commits = 0
         self._thread = threading.Thread(target=self._loop, name="actorgraph-writer", daemon=True)
         self._thread.start()
@@ -107,6 +112,17 @@ class Writer:
         started = self._attempt_started
         return started is not None and time.monotonic() - started > patience
 
+    def fence(self, runtime_id: str, on_lost: Callable[[], None]) -> None:
+        """From now on, write only while ``runtime_id``'s row exists (its lease: see writes.hold_lease).
+
+        Once it is gone, the transaction that found it so writes nothing,
+        ``on_lost`` is called once (on the committing thread, before any
+        submitter hears of it), and every write from then on fails with
+        LeaseLost.
+        """
+        self._on_lease_lost = on_lost
+        self._fence_owner = runtime_id
+
     def submit(self, *ops: Operation,
                after: Sequence[Promise] = ()) -> Promise[list[Any]]:
         """Queue ``ops`` to run in order in one transaction; the future holds their results.
@@ -120,6 +136,9 @@ class Writer:
         return submission.future
 
     def _enqueue(self, submission: _Submission, *, wake_writer: bool) -> None:
+        if self._lease_lost is not None:
+            submission.future.set_exception(self._lease_lost)
+            return
         with self._queue_changed:
             if not self._closed:
                 self._pending.append(submission)
@@ -277,6 +296,9 @@ class Writer:
             return
         try:
             results = self._transaction(batch)
+        except LeaseLost as exc:
+            self._fenced_out(batch, exc)
+            return
         except Exception as exc:
             if is_transient(exc):
                 self._retry_later(batch, exc)
@@ -298,6 +320,10 @@ class Writer:
         try:
             self._database.connect(reuse_if_open=True)
             with self._database.atomic():
+                owner = self._fence_owner
+                if owner is not None and not hold_lease(self._sql, owner):
+                    raise LeaseLost(f"runtime {owner} lost its lease: another process recovered its "
+                                    "executions, and nothing more of this runtime is written")
                 results = self._run(batch)
         finally:
             self._attempt_started = None
@@ -306,6 +332,19 @@ class Writer:
             self.outage.succeeded()
             self._backoff.reset()
         return results
+
+    def _fenced_out(self, batch: list[_Submission], error: LeaseLost) -> None:
+        """The lease is gone: nothing of ``batch``, or of anything queued or submitted later, is written."""
+        first = self._lease_lost is None
+        self._lease_lost = error
+        with self._queue_changed:
+            left, self._pending = list(self._pending), collections.deque()
+        if first:
+            logger.error("%s", error)
+            if self._on_lease_lost is not None:
+                self._on_lease_lost()
+        for submission in [*batch, *left]:
+            _fail(submission.future, error)
 
     def _retry_later(self, batch: list[_Submission], error: BaseException | None) -> None:
         """The database is away: drop the connection and put ``batch`` back at the head, in order."""
@@ -343,6 +382,9 @@ class Writer:
             return True
         try:
             (result,) = self._transaction([submission])
+        except LeaseLost as exc:
+            self._fenced_out([submission], exc)
+            return True
         except Exception as exc:  # noqa: BLE001 - handed to the submitter, translated
             if is_transient(exc):
                 self.outage.failed(exc)

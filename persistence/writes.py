@@ -26,9 +26,14 @@ import datetime as dt
 from typing import Any, Hashable, Self, Sequence
 
 from persistence.dialect import MAX_PARAMS, Dialect, chunks, marks
+from persistence.notifications import CLAIM_CHANNEL, stop_channel
 from persistence.status import ACTIVE, ExecutionStatus, sources_of
 
 _ACTIVE = tuple(sorted(s.value for s in ACTIVE))
+
+# Advisory lock keys (any constants; they name actorgraph's locks among others).
+CLAIM_LOCK = 0x6163746F7201     # claims run one at a time (the limits read consistent counts)
+RECOVERY_LOCK = 0x6163746F7202  # one process recovers lost runtimes at a time
 
 SUBTREE_CTE = (
     "WITH RECURSIVE subtree(id) AS ("
@@ -68,10 +73,11 @@ class InsertExecution(Operation):
     created_at: dt.datetime
     started_at: dt.datetime | None
     inputs_json: str
+    graph_version: str | None = None
 
     phase = 0
     _COLUMNS = ("id, graph_id, user_id, status, parent_id, depth, runtime_id, created_at, started_at, inputs,"
-                " stop_cascade, stop_forced")
+                " stop_cascade, stop_forced, graph_version")
 
     def merge_key(self) -> Hashable:
         return "insert-execution"
@@ -79,15 +85,15 @@ class InsertExecution(Operation):
     def _values(self, sql: Dialect) -> tuple:
         return (self.id, self.graph_id, self.user_id, self.status.value, self.parent_id, self.depth,
                 self.runtime_id, sql.time(self.created_at), sql.time(self.started_at), self.inputs_json,
-                True, False)
+                True, False, self.graph_version)
 
     def run(self, sql: Dialect) -> None:
         self.run_many(sql, [self])
 
     @classmethod
     def run_many(cls, sql: Dialect, ops: Sequence[Self]) -> list[None]:
-        for part in chunks(ops, MAX_PARAMS // 12):
-            rows = ", ".join("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" for _ in part)
+        for part in chunks(ops, MAX_PARAMS // 13):
+            rows = ", ".join("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" for _ in part)
             params = [value for op in part for value in op._values(sql)]
             sql.execute(f"INSERT INTO graph_execution ({cls._COLUMNS}) VALUES {rows}", params)
         return [None] * len(ops)
@@ -270,12 +276,13 @@ class RequestStop(Operation):
         rows = sql.fetchall(
             f"UPDATE graph_execution SET stop_requested_at = COALESCE(stop_requested_at, ?),"
             f" stop_reason = COALESCE(stop_reason, ?), stop_cascade = ?"
-            f" WHERE id = ? AND status IN ({marks(_ACTIVE)}) RETURNING id",
+            f" WHERE id = ? AND status IN ({marks(_ACTIVE)}) RETURNING id, runtime_id",
             [sql.time(self.at), self.reason, self.cascade, self.execution_id, *_ACTIVE],
         )
-        if not sql.is_sqlite and rows:
-            # Delivered at commit to every runtime LISTENing: the host reacts at once.
-            sql.execute("SELECT pg_notify('actorgraph_stop', ?)", [self.execution_id])
+        if not sql.is_sqlite and rows and rows[0][1] is not None:
+            # Delivered at commit to the hosting runtime alone (its own channel):
+            # it reacts at once, and no other runtime wakes for it.
+            sql.execute("SELECT pg_notify(?, ?)", [stop_channel(rows[0][1]), self.execution_id])
         return tuple(row[0] for row in rows)
 
 
@@ -309,6 +316,15 @@ class TerminateSubtree(Operation):
         return moved
 
 
+@dataclasses.dataclass(frozen=True)
+class LostRuntime:
+    """A runtime found gone, with the heartbeat it had when it was found (None: not registered)."""
+
+    id: str
+    description: str
+    heartbeat_at: dt.datetime | None
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RecoverLostRuntimes(Operation):
     """End every active execution hosted by runtimes that are gone.
@@ -317,10 +333,18 @@ class RecoverLostRuntimes(Operation):
     other row ends FAILED with an error naming the lost runtime. Both updates
     run in the writer's one transaction, so no reader ever sees a parent
     ended while its child is still active. Returns the ids ended.
+
+    A runtime is taken only if its row still holds the heartbeat it had when
+    it was found gone (compare-and-delete): one that renewed its lease
+    meanwhile is left alone. Deleting its row is what fences it: every write
+    of a runtime first holds its own row (``hold_lease``), so it waits for
+    this transaction and then finds the row gone. On PostgreSQL one process
+    recovers at a time, under an advisory lock; another that finds the lock
+    taken recovers nothing.
     """
 
     phase = 6
-    runtimes: tuple[tuple[str, str], ...]  # (runtime id, description for the error)
+    runtimes: tuple[LostRuntime, ...]
     at: dt.datetime
 
     # Rows whose stop was requested, on them or (cascading) on an ancestor.
@@ -332,29 +356,175 @@ class RecoverLostRuntimes(Operation):
     )
 
     def run(self, sql: Dialect) -> tuple[str, ...]:
+        if not sql.is_sqlite and not sql.fetchall("SELECT pg_try_advisory_xact_lock(?)", [RECOVERY_LOCK])[0][0]:
+            return ()
         ended: list[str] = []
-        for runtime_id, description in self.runtimes:
-            terminated = sql.fetchall(
-                f"{self._STOPPED}UPDATE graph_execution SET status = ?, ended_at = ?,"
-                f" stop_requested_at = COALESCE(stop_requested_at, ?),"
-                f" stop_reason = COALESCE(stop_reason, ?)"
-                f" WHERE id IN (SELECT id FROM stopped) AND runtime_id = ?"
-                f" AND status IN ({marks(_ACTIVE)}) RETURNING id",
-                [runtime_id, True, ExecutionStatus.TERMINATED.value, sql.time(self.at), sql.time(self.at),
-                 f"stopped; runtime {description} was lost", runtime_id, *_ACTIVE],
-            )
-            failed = sql.fetchall(
-                f"UPDATE graph_execution SET status = ?, ended_at = ?, error = ? WHERE runtime_id = ?"
-                f" AND status IN ({marks(_ACTIVE)}) RETURNING id",
-                [ExecutionStatus.FAILED.value, sql.time(self.at), f"runtime {description} was lost",
-                 runtime_id, *_ACTIVE],
-            )
-            _end_nodes(sql, [r[0] for r in terminated], ExecutionStatus.TERMINATED, self.at, None)
-            _end_nodes(sql, [r[0] for r in failed], ExecutionStatus.FAILED, self.at,
-                       f"runtime {description} was lost")
-            sql.execute("DELETE FROM runtime WHERE id = ?", [runtime_id])
-            ended.extend(row[0] for row in terminated + failed)
+        for runtime in self.runtimes:
+            if _take_lease(sql, runtime):
+                ended.extend(self._end_executions(sql, runtime.id, runtime.description))
         return tuple(ended)
+
+    def _end_executions(self, sql: Dialect, runtime_id: str, description: str) -> list[str]:
+        terminated = sql.fetchall(
+            f"{self._STOPPED}UPDATE graph_execution SET status = ?, ended_at = ?,"
+            f" stop_requested_at = COALESCE(stop_requested_at, ?),"
+            f" stop_reason = COALESCE(stop_reason, ?)"
+            f" WHERE id IN (SELECT id FROM stopped) AND runtime_id = ?"
+            f" AND status IN ({marks(_ACTIVE)}) RETURNING id",
+            [runtime_id, True, ExecutionStatus.TERMINATED.value, sql.time(self.at), sql.time(self.at),
+             f"stopped; runtime {description} was lost", runtime_id, *_ACTIVE],
+        )
+        failed = sql.fetchall(
+            f"UPDATE graph_execution SET status = ?, ended_at = ?, error = ? WHERE runtime_id = ?"
+            f" AND status IN ({marks(_ACTIVE)}) RETURNING id",
+            [ExecutionStatus.FAILED.value, sql.time(self.at), f"runtime {description} was lost",
+             runtime_id, *_ACTIVE],
+        )
+        _end_nodes(sql, [r[0] for r in terminated], ExecutionStatus.TERMINATED, self.at, None)
+        _end_nodes(sql, [r[0] for r in failed], ExecutionStatus.FAILED, self.at,
+                   f"runtime {description} was lost")
+        return [row[0] for row in terminated + failed]
+
+
+def _take_lease(sql: Dialect, runtime: LostRuntime) -> bool:
+    """Delete a lost runtime's row if it is as it was found; False if it came back meanwhile."""
+    if runtime.heartbeat_at is None:
+        return not sql.fetchall("SELECT id FROM runtime WHERE id = ?", [runtime.id])
+    return bool(sql.fetchall("DELETE FROM runtime WHERE id = ? AND heartbeat_at = ? RETURNING id",
+                             [runtime.id, sql.time(runtime.heartbeat_at)]))
+
+
+def hold_lease(sql: Dialect, runtime_id: str) -> bool:
+    """In a runtime's write transaction: hold its own row until commit; False if it is gone.
+
+    The fence of every write. PostgreSQL's FOR SHARE lets the runtime's own
+    transactions run side by side, while a recovery's DELETE of the row waits
+    for them (and they for it): a write either commits before the recovery
+    sees the rows, or finds the lease gone and writes nothing. SQLite writes
+    one transaction at a time anyway.
+    """
+    lock = "" if sql.is_sqlite else " FOR SHARE"
+    return bool(sql.fetchall(f"SELECT id FROM runtime WHERE id = ?{lock}", [runtime_id]))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StoreGraphVersions(Operation):
+    """Store graph definitions by version; a version already stored is left as it is."""
+
+    phase = 0
+    versions: tuple[tuple[str, str, str], ...]  # (version, graph id, canonical JSON definition)
+    at: dt.datetime
+
+    def run(self, sql: Dialect) -> None:
+        for version, graph_id, definition in self.versions:
+            sql.execute(
+                "INSERT INTO graph_version (version, graph_id, definition, created_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (version) DO NOTHING",
+                [version, graph_id, definition, sql.time(self.at)],
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WakeWorkers(Operation):
+    """Tell every LISTENing worker, at commit, that a root waits to be claimed (PostgreSQL)."""
+
+    phase = 6
+
+    def run(self, sql: Dialect) -> None:
+        if not sql.is_sqlite:
+            sql.execute("SELECT pg_notify(?, '')", [CLAIM_CHANNEL])
+
+
+@dataclasses.dataclass(frozen=True)
+class ClaimedRoot:
+    id: str
+    graph_id: str
+    user_id: str
+    graph_version: str
+    inputs_json: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ClaimRoots(Operation):
+    """Claim up to ``limit`` submitted roots for ``runtime_id``: QUEUED -> RUNNING, owned.
+
+    PostgreSQL only. Claims run one at a time (a transaction-scoped advisory
+    lock), so that the running counts the limits read cannot change under
+    them: two workers never both take the last slot of a user. Within a
+    claim, roots are taken oldest first, and for each user (and each user
+    and graph) only as many of its oldest queued roots as its free slots: a
+    limited root never overtakes an older one of the same user. Rows another
+    transaction holds (a stop ending an unclaimed root) are skipped, not
+    waited for (FOR UPDATE SKIP LOCKED). Only roots of ``versions``, the
+    graph versions this worker can run, are considered.
+    """
+
+    runtime_id: str
+    versions: tuple[str, ...]
+    limit: int
+    per_user: int | None
+    per_graph: int | None
+    at: dt.datetime
+
+    def run(self, sql: Dialect) -> tuple[ClaimedRoot, ...]:
+        if sql.is_sqlite:
+            raise ValueError("claiming submitted roots needs PostgreSQL")
+        if not self.versions or self.limit < 1:
+            return ()
+        sql.execute("SELECT pg_advisory_xact_lock(?)", [CLAIM_LOCK])
+        unlimited = 2**31 - 1
+        rows = sql.fetchall(
+            "WITH running AS ("
+            "  SELECT user_id, graph_id, COUNT(*) AS n FROM graph_execution"
+            "  WHERE parent_id IS NULL AND status = 'RUNNING' GROUP BY user_id, graph_id),"
+            " by_user AS (SELECT user_id, SUM(n) AS n FROM running GROUP BY user_id),"
+            " waiting AS ("
+            "  SELECT id, user_id, graph_id, created_at, ROW_NUMBER() OVER ("
+            "   PARTITION BY user_id, graph_id ORDER BY created_at, id) AS graph_place"
+            "  FROM graph_execution WHERE status = 'QUEUED' AND parent_id IS NULL AND runtime_id IS NULL"
+            f"  AND graph_version IN ({marks(self.versions)})),"
+            " fits_graph AS ("
+            "  SELECT w.id, w.user_id, w.created_at, ROW_NUMBER() OVER ("
+            "   PARTITION BY w.user_id ORDER BY w.created_at, w.id) AS user_place"
+            "  FROM waiting w LEFT JOIN running r ON r.user_id = w.user_id AND r.graph_id = w.graph_id"
+            "  WHERE w.graph_place + COALESCE(r.n, 0) <= ?),"
+            " chosen AS ("
+            "  SELECT f.id FROM fits_graph f LEFT JOIN by_user u ON u.user_id = f.user_id"
+            "  WHERE f.user_place + COALESCE(u.n, 0) <= ? ORDER BY f.created_at, f.id LIMIT ?)"
+            " UPDATE graph_execution SET status = 'RUNNING', runtime_id = ?, started_at = ?"
+            " WHERE id IN (SELECT g.id FROM graph_execution g JOIN chosen c ON c.id = g.id"
+            "  WHERE g.status = 'QUEUED' AND g.runtime_id IS NULL FOR UPDATE OF g SKIP LOCKED)"
+            " RETURNING id, graph_id, user_id, graph_version, inputs, created_at",
+            [*self.versions, self.per_graph or unlimited, self.per_user or unlimited, self.limit,
+             self.runtime_id, sql.time(self.at)],
+        )
+        # Oldest first: the order the worker starts them in.
+        rows.sort(key=lambda row: (row[5], row[0]))
+        return tuple(ClaimedRoot(id=row[0], graph_id=row[1], user_id=row[2], graph_version=row[3],
+                                 inputs_json=row[4]) for row in rows)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TerminateUnclaimed(Operation):
+    """End a submitted root that no worker claimed yet; returns its id if it moved.
+
+    Guarded by ``runtime_id IS NULL``: a root a worker claimed meanwhile is
+    left to its worker (the caller then stops it there).
+    """
+
+    execution_id: str
+    reason: str
+    at: dt.datetime
+
+    def run(self, sql: Dialect) -> tuple[str, ...]:
+        rows = sql.fetchall(
+            "UPDATE graph_execution SET status = ?, ended_at = ?, stop_requested_at = COALESCE(stop_requested_at, ?),"
+            " stop_reason = COALESCE(stop_reason, ?) WHERE id = ? AND status = ? AND runtime_id IS NULL"
+            " RETURNING id",
+            [ExecutionStatus.TERMINATED.value, sql.time(self.at), sql.time(self.at), self.reason,
+             self.execution_id, ExecutionStatus.QUEUED.value],
+        )
+        return tuple(row[0] for row in rows)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

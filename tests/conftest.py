@@ -16,7 +16,7 @@ from tests.helpers import Observer
 POSTGRES_URL = os.environ.get(
     "ACTORGRAPH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
-ACTORGRAPH_TABLES = ("node_execution", "graph_execution", "runtime", "schema_version")
+ACTORGRAPH_TABLES = ("node_execution", "graph_execution", "runtime", "graph_version", "schema_version")
 
 
 def _admin_connection(url: str):  # type: ignore[no-untyped-def]

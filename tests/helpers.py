@@ -107,7 +107,7 @@ def loads_json(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
-ACTORGRAPH_TABLES = ("graph_execution", "node_execution", "runtime", "schema_version")
+ACTORGRAPH_TABLES = ("graph_execution", "node_execution", "runtime", "graph_version", "schema_version")
 
 
 def database_snapshot(url: str) -> dict[str, Any]:

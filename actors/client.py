@@ -1,0 +1,76 @@
+"""A client: submit, stop and read executions without hosting any.
+
+What a web API or a scheduler holds: it hands roots to the workers
+(``submit``), stops executions wherever they run (the owner hears it through
+its own NOTIFY channel), and reads the database. It creates no actor and
+holds no lease.
+"""
+from __future__ import annotations
+
+import builtins
+import os
+from typing import Any, Callable, Mapping
+
+from actors.catalog import Catalog
+from actors.messages import Stop, StopAck
+from actors.reader import Reader
+from actors.remote import check_wait_timeout, owned_record, stop_elsewhere
+from actors.submit import submit_root
+from persistence import ExecutionRecord, ExecutionStatus, Store
+
+
+class Client:
+    """Submits, stops and reads executions on one database; hosts nothing.
+
+    Raises DatabaseError if the database cannot be opened or migrated.
+    """
+
+    def __init__(self, database: str | None = None) -> None:
+        self._store = Store.open(database)
+        self._reader = Reader(self._store)
+        self._catalog = Catalog()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._store.close()
+
+    def load(self, source: str | os.PathLike | Mapping[str, Any]) -> builtins.list[str]:
+        """Validate graphs and store their versions (see Runtime.load); return their ids."""
+        return self._catalog.load(source, self._store)
+
+    def register_block(self, name: str, fn: Callable[..., Mapping[str, Any]], inputs: Any = None,
+                       outputs: Any = None) -> None:
+        """Declare a user block so that graphs using it validate here (workers run it)."""
+        self._catalog.register_block(name, fn, inputs, outputs)
+
+    def submit(self, graph_id: str, user_id: str, inputs: Mapping[str, Any] | None = None) -> str:
+        """Hand a root to the workers (PostgreSQL); see Runtime.submit."""
+        return submit_root(self._store, self._catalog, graph_id, user_id, inputs)
+
+    def stop(self, execution_id: str, user_id: str, wait_timeout: float = 15.0, cascade: bool = True,
+             reason: str = "stopped by user") -> StopAck:
+        """Stop an execution wherever it runs; returns once its subtree is terminal in the database.
+
+        A root no worker claimed yet is written TERMINATED at once. Raises
+        InvalidInput, NotFound, PermissionDenied, StopTimeout or DatabaseError
+        as Runtime.stop does.
+        """
+        check_wait_timeout(wait_timeout)
+        record = owned_record(self._store, execution_id, user_id)
+        return stop_elsewhere(self._store, record, Stop(user_id=user_id, cascade=cascade, reason=reason,
+                                                        wait_timeout=float(wait_timeout)))
+
+    def get(self, execution_id: str, user_id: str | None = None) -> ExecutionRecord:
+        return self._reader.get(execution_id, user_id)
+
+    def tree(self, execution_id: str, user_id: str | None = None) -> dict[str, Any]:
+        return self._reader.tree(execution_id, user_id)
+
+    def list(self, user_id: str | None = None, status: ExecutionStatus | str | None = None,
+             limit: int = 50) -> builtins.list[ExecutionRecord]:
+        return self._reader.list(user_id, status, limit)
