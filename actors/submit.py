@@ -28,5 +28,5 @@ def submit_root(store: Store, catalog: Catalog, graph_id: str, user_id: str,
     store.write(InsertExecution(
         id=execution_id, graph_id=graph_id, user_id=user_id, status=ExecutionStatus.QUEUED, parent_id=None,
         depth=0, runtime_id=None, created_at=utcnow(), started_at=None, inputs_json=inputs_json,
-        graph_version=bundle.version), WakeWorkers(), independent=True)
+        graph_version=bundle.version), WakeWorkers(graph_version=bundle.version), independent=True)
     return execution_id

@@ -85,12 +85,18 @@ class Claimer:
             self._notices.dispose()
 
     def _loop(self) -> None:
-        next_recovery = 0.0
+        next_recovery = next_refresh = 0.0
+        payloads: list[str] = []
         while not self._closed.is_set():
             try:
                 if time.monotonic() >= next_recovery:
                     next_recovery = time.monotonic() + RECOVER_EVERY
                     self._store.recover_lost()
+                # Stored versions are read again once per poll, or at once
+                # when a submit names one this worker has not seen.
+                if time.monotonic() >= next_refresh or any(p not in self._bundles for p in payloads):
+                    next_refresh = time.monotonic() + POLL_INTERVAL
+                    self._refresh_versions()
                 if self._claiming.is_set():
                     self._claim()
             except LeaseLost:
@@ -100,13 +106,13 @@ class Claimer:
                 logger.debug("claim loop (runtime %s): %s", self._runtime_id, exc)
             except Exception:  # noqa: BLE001 - keep the worker alive; the next round may succeed
                 logger.exception("claim loop failed (runtime %s)", self._runtime_id)
-            self._notices.wait(POLL_INTERVAL)
+            payloads = self._notices.wait(POLL_INTERVAL)
 
     def _claim(self) -> None:
         """Claim while slots are free and roots wait; each claim is one short transaction."""
+        versions = tuple(version for version, bundle in self._bundles.items() if bundle is not None)
         while self._claiming.is_set():
             free = self._concurrency - self.running
-            versions = self._runnable_versions()
             if free <= 0 or not versions:
                 return
             (claimed,) = self._store.write(ClaimRoots(
@@ -121,8 +127,8 @@ class Claimer:
                 assert bundle is not None  # only runnable versions are claimed
                 self._spawn(root, bundle)
 
-    def _runnable_versions(self) -> tuple[str, ...]:
-        """Stored versions whose blocks are all registered here (read once each; again when blocks change)."""
+    def _refresh_versions(self) -> None:
+        """Learn stored versions: runnable here if all their blocks are registered (again when blocks change)."""
         blocks = len(self._catalog.blocks)
         if blocks != self._blocks_seen:
             self._blocks_seen = blocks
@@ -130,7 +136,6 @@ class Claimer:
         for version in self._store.graph_versions():
             if version not in self._bundles:
                 self._bundles[version] = self._read_bundle(version)
-        return tuple(version for version, bundle in self._bundles.items() if bundle is not None)
 
     def _read_bundle(self, version: str) -> Bundle | None:
         stored = self._store.graph_definition(version)

@@ -40,6 +40,12 @@ PG_CONNECTION_PARAMS: dict[str, Any] = {
     "keepalives_interval": 2,
     "keepalives_count": 3,
     "tcp_user_timeout": 10_000,
+    # The server's side of the same: a session that vanished inside a
+    # transaction (its worker was cut off mid-commit) would hold its row
+    # locks, and with them its lease row (see writes.hold_lease), until the
+    # server's own TCP noticed, hours later. Our transactions never wait on
+    # the client, so 10 s idle inside one means the client is gone.
+    "options": "-c idle_in_transaction_session_timeout=10000",
 }
 
 # SQLSTATE classes of errors that a later attempt may not meet: connection

@@ -79,8 +79,8 @@ class Notices:
         except (BlockingIOError, OSError):
             pass  # the pipe is full (a wake is pending anyway) or closed
 
-    def wait(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for a notice or a wake; True if one (or more) arrived."""
+    def wait(self, timeout: float) -> list[str]:
+        """Wait up to ``timeout`` seconds for notices or a wake; return the notices' payloads."""
         if self._connection is None and self._params is not None and not self._closed.is_set() \
                 and time.monotonic() >= self._next_attempt:
             self._connect()
@@ -90,20 +90,19 @@ class Notices:
             readable, _, _ = select.select(watched, [], [], timeout)
             if self._wake_read in readable:
                 self._drain_wakes()
-                return True
-            if connection is None or not readable:
-                return False
+            if connection is None or connection not in readable:
+                return []
             connection.poll()
-            arrived = bool(connection.notifies)
+            payloads = [notice.payload for notice in connection.notifies]
             connection.notifies.clear()
-            return arrived
+            return payloads
         except Exception as exc:  # noqa: BLE001 - a broken listener polls until it reconnects
             if self._closed.is_set():
-                return False
+                return []
             self._outage.failed(exc)
             self._drop()
             self._next_attempt = time.monotonic() + self._backoff.next_delay()
-            return False
+            return []
 
     def _drain_wakes(self) -> None:
         try:

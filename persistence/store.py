@@ -302,7 +302,9 @@ class Store:
         lost = self.lost_runtimes()
         if not lost:
             return ()
-        (ended,) = self.write(RecoverLostRuntimes(runtimes=tuple(lost), at=utcnow()))
+        # In a transaction of its own on PostgreSQL: it may wait on a lost
+        # runtime's lock, and no other write should wait with it.
+        (ended,) = self.write(RecoverLostRuntimes(runtimes=tuple(lost), at=utcnow()), independent=True)
         if ended:
             logger.warning("recovered %d executions of lost runtimes %s", len(ended),
                            ", ".join(runtime.description for runtime in lost))

@@ -34,6 +34,8 @@ _ACTIVE = tuple(sorted(s.value for s in ACTIVE))
 # Advisory lock keys (any constants; they name actorgraph's locks among others).
 CLAIM_LOCK = 0x6163746F7201     # claims run one at a time (the limits read consistent counts)
 RECOVERY_LOCK = 0x6163746F7202  # one process recovers lost runtimes at a time
+# A runtime's lease lock: the (int, int) advisory key space, ours by its first half.
+_LEASE_LOCK_KEY = "1633906546, hashtext(?)"
 
 SUBTREE_CTE = (
     "WITH RECURSIVE subtree(id) AS ("
@@ -387,24 +389,41 @@ class RecoverLostRuntimes(Operation):
 
 
 def _take_lease(sql: Dialect, runtime: LostRuntime) -> bool:
-    """Delete a lost runtime's row if it is as it was found; False if it came back meanwhile."""
+    """Delete a lost runtime's row if it is as it was found; False if it came back meanwhile.
+
+    On PostgreSQL the runtime's lease lock is taken first, exclusively: it
+    waits for no transaction of that runtime (one cut off mid-commit holds
+    its lock until the server ends its session, after
+    idle_in_transaction_session_timeout); such a runtime is skipped, and the
+    next round takes it.
+    """
+    if not sql.is_sqlite and not sql.fetchall(
+            f"SELECT pg_try_advisory_xact_lock({_LEASE_LOCK_KEY})", [runtime.id])[0][0]:
+        return False
     if runtime.heartbeat_at is None:
         return not sql.fetchall("SELECT id FROM runtime WHERE id = ?", [runtime.id])
-    return bool(sql.fetchall("DELETE FROM runtime WHERE id = ? AND heartbeat_at = ? RETURNING id",
-                             [runtime.id, sql.time(runtime.heartbeat_at)]))
+    rows = sql.fetchall("SELECT heartbeat_at FROM runtime WHERE id = ?", [runtime.id])
+    held = Dialect.read_time(rows[0][0]) if rows else None
+    if held is None or held.replace(tzinfo=None) != runtime.heartbeat_at:
+        return False
+    sql.execute("DELETE FROM runtime WHERE id = ?", [runtime.id])
+    return True
 
 
 def hold_lease(sql: Dialect, runtime_id: str) -> bool:
-    """In a runtime's write transaction: hold its own row until commit; False if it is gone.
+    """In a runtime's write transaction: hold its lease until commit; False if it is gone.
 
-    The fence of every write. PostgreSQL's FOR SHARE lets the runtime's own
-    transactions run side by side, while a recovery's DELETE of the row waits
-    for them (and they for it): a write either commits before the recovery
-    sees the rows, or finds the lease gone and writes nothing. SQLite writes
+    The fence of every write. On PostgreSQL the transaction takes the
+    runtime's lease lock shared (an advisory lock: in memory, no WAL), so
+    the runtime's own transactions run side by side, while a recovery,
+    which takes it exclusively before it deletes the row, waits for none of
+    them and none of them runs beside it: a write either commits before the
+    recovery looks, or sees the row gone and writes nothing. SQLite writes
     one transaction at a time anyway.
     """
-    lock = "" if sql.is_sqlite else " FOR SHARE"
-    return bool(sql.fetchall(f"SELECT id FROM runtime WHERE id = ?{lock}", [runtime_id]))
+    if not sql.is_sqlite:
+        sql.execute(f"SELECT pg_advisory_xact_lock_shared({_LEASE_LOCK_KEY})", [runtime_id])
+    return bool(sql.fetchall("SELECT id FROM runtime WHERE id = ?", [runtime_id]))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -426,13 +445,14 @@ class StoreGraphVersions(Operation):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class WakeWorkers(Operation):
-    """Tell every LISTENing worker, at commit, that a root waits to be claimed (PostgreSQL)."""
+    """Tell every LISTENing worker, at commit, that a root of ``graph_version`` waits (PostgreSQL)."""
 
     phase = 6
+    graph_version: str
 
     def run(self, sql: Dialect) -> None:
         if not sql.is_sqlite:
-            sql.execute("SELECT pg_notify(?, '')", [CLAIM_CHANNEL])
+            sql.execute("SELECT pg_notify(?, ?)", [CLAIM_CHANNEL, self.graph_version])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -448,15 +468,17 @@ class ClaimedRoot:
 class ClaimRoots(Operation):
     """Claim up to ``limit`` submitted roots for ``runtime_id``: QUEUED -> RUNNING, owned.
 
-    PostgreSQL only. Claims run one at a time (a transaction-scoped advisory
-    lock), so that the running counts the limits read cannot change under
-    them: two workers never both take the last slot of a user. Within a
-    claim, roots are taken oldest first, and for each user (and each user
-    and graph) only as many of its oldest queued roots as its free slots: a
-    limited root never overtakes an older one of the same user. Rows another
-    transaction holds (a stop ending an unclaimed root) are skipped, not
-    waited for (FOR UPDATE SKIP LOCKED). Only roots of ``versions``, the
-    graph versions this worker can run, are considered.
+    PostgreSQL only. Roots are taken oldest first; rows another transaction
+    holds (another worker's claim, a stop ending an unclaimed root) are
+    skipped, not waited for (FOR UPDATE SKIP LOCKED), so claims of many
+    workers run side by side. Only roots of ``versions``, the graph versions
+    this worker can run, are considered.
+
+    With limits, claims run one at a time (a transaction-scoped advisory
+    lock), so that the running counts they read cannot change under them:
+    two workers never both take the last slot of a user. Each user (and
+    each user and graph) gets only as many of its oldest queued roots as its
+    free slots: a limited root never overtakes an older one of the same user.
     """
 
     runtime_id: str
@@ -471,10 +493,35 @@ class ClaimRoots(Operation):
             raise ValueError("claiming submitted roots needs PostgreSQL")
         if not self.versions or self.limit < 1:
             return ()
-        sql.execute("SELECT pg_advisory_xact_lock(?)", [CLAIM_LOCK])
-        unlimited = 2**31 - 1
+        limited = bool(self.per_user or self.per_graph)
+        if limited:
+            # The running counts must not change under this claim: claims
+            # with limits run one at a time, until this transaction ends.
+            sql.execute("SELECT pg_advisory_xact_lock(?)", [CLAIM_LOCK])
+        chosen = self._within_limits() if limited else self._oldest()
         rows = sql.fetchall(
-            "WITH running AS ("
+            f"WITH {chosen} UPDATE graph_execution SET status = 'RUNNING', runtime_id = ?, started_at = ?"
+            " WHERE id IN (SELECT g.id FROM graph_execution g JOIN chosen c ON c.id = g.id"
+            "  WHERE g.status = 'QUEUED' AND g.runtime_id IS NULL FOR UPDATE OF g SKIP LOCKED)"
+            " RETURNING id, graph_id, user_id, graph_version, inputs, created_at",
+            [*self._chosen_params(limited), self.runtime_id, sql.time(self.at)],
+        )
+        # Oldest first: the order the worker starts them in.
+        rows.sort(key=lambda row: (row[5], row[0]))
+        return tuple(ClaimedRoot(id=row[0], graph_id=row[1], user_id=row[2], graph_version=row[3],
+                                 inputs_json=row[4]) for row in rows)
+
+    def _oldest(self) -> str:
+        """Without limits: the oldest waiting roots; claims on other workers run alongside (SKIP LOCKED)."""
+        # Locked as chosen: a worker claiming beside us skips these and takes the next ones.
+        return ("chosen AS (SELECT id FROM graph_execution WHERE status = 'QUEUED' AND parent_id IS NULL"
+                f" AND runtime_id IS NULL AND graph_version IN ({marks(self.versions)})"
+                " ORDER BY created_at, id LIMIT ? FOR UPDATE SKIP LOCKED)")
+
+    def _within_limits(self) -> str:
+        """With limits: the oldest waiting roots that fit their user's (and user and graph's) free slots."""
+        return (
+            "running AS ("
             "  SELECT user_id, graph_id, COUNT(*) AS n FROM graph_execution"
             "  WHERE parent_id IS NULL AND status = 'RUNNING' GROUP BY user_id, graph_id),"
             " by_user AS (SELECT user_id, SUM(n) AS n FROM running GROUP BY user_id),"
@@ -491,17 +538,13 @@ class ClaimRoots(Operation):
             " chosen AS ("
             "  SELECT f.id FROM fits_graph f LEFT JOIN by_user u ON u.user_id = f.user_id"
             "  WHERE f.user_place + COALESCE(u.n, 0) <= ? ORDER BY f.created_at, f.id LIMIT ?)"
-            " UPDATE graph_execution SET status = 'RUNNING', runtime_id = ?, started_at = ?"
-            " WHERE id IN (SELECT g.id FROM graph_execution g JOIN chosen c ON c.id = g.id"
-            "  WHERE g.status = 'QUEUED' AND g.runtime_id IS NULL FOR UPDATE OF g SKIP LOCKED)"
-            " RETURNING id, graph_id, user_id, graph_version, inputs, created_at",
-            [*self.versions, self.per_graph or unlimited, self.per_user or unlimited, self.limit,
-             self.runtime_id, sql.time(self.at)],
         )
-        # Oldest first: the order the worker starts them in.
-        rows.sort(key=lambda row: (row[5], row[0]))
-        return tuple(ClaimedRoot(id=row[0], graph_id=row[1], user_id=row[2], graph_version=row[3],
-                                 inputs_json=row[4]) for row in rows)
+
+    def _chosen_params(self, limited: bool) -> list[Any]:
+        if not limited:
+            return [*self.versions, self.limit]
+        unlimited = 2**31 - 1
+        return [*self.versions, self.per_graph or unlimited, self.per_user or unlimited, self.limit]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

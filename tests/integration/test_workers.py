@@ -256,3 +256,39 @@ def test_drain_lets_running_trees_finish_then_stops_the_rest(pg_url, make):
     assert_stays(lambda: observer.status(late) == "QUEUED", 1.5, "nothing claimed after drain")
     gates.open_all()
     observer.close()
+
+
+# -- leases --------------------------------------------------------------------------------------
+
+
+def test_a_runtime_that_renewed_its_lease_after_it_was_judged_lost_is_not_recovered(database_url):
+    """Recovery is compare-and-delete: the heartbeat it judged stale must still be the row's."""
+    import datetime as dt
+
+    from persistence import Store, utcnow
+    from persistence.writes import RecoverLostRuntimes
+
+    with Runtime(database_url) as rt:
+        rt.load(g.graphs(nap=g.sleeper()))
+        root = rt.start("nap", user_id="u")
+        observer = Observer(database_url)
+        wait_until(lambda: observer.status(root) == "RUNNING", TIMEOUT, "the root running")
+        stale = utcnow() - dt.timedelta(minutes=5)
+        # As if the runtime had stalled: its heartbeat is five minutes old.
+        observer.execute("UPDATE runtime SET heartbeat_at = ? WHERE id = ?", (stale, rt.runtime_id))
+        other = Store.open(database_url)
+        try:
+            lost = other.lost_runtimes()
+            assert [runtime.id for runtime in lost] == [rt.runtime_id]
+            # It renews its lease before the recovery commits.
+            observer.execute("UPDATE runtime SET heartbeat_at = ? WHERE id = ?", (utcnow(), rt.runtime_id))
+            (ended,) = other.write(RecoverLostRuntimes(runtimes=tuple(lost), at=utcnow()))
+        finally:
+            other.close()
+        assert ended == ()
+        assert observer.status(root) == "RUNNING"
+        assert observer.query("SELECT id FROM runtime WHERE id = ?", (rt.runtime_id,))
+        assert not rt.lease_lost.is_set()
+        ack = rt.stop(root, user_id="u", wait_timeout=1)
+        assert ack.terminated == (root,) and observer.status(root) == "TERMINATED"
+        observer.close()
