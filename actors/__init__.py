@@ -7,7 +7,7 @@ from actors.blocks import BlockContext
 from actors.client import Client
 from actors.errors import InvalidGraph, InvalidInput, StopTimeout
 from actors.graphs import validate_graphs
-from actors.messages import Stop, StopAck
+from actors.messages import StatusChanged, Stop, StopAck
 from actors.reader import Reader
 from actors.remote import stop_execution
 from actors.runtime import Runtime
@@ -35,6 +35,7 @@ __all__ = [
     # Messages
     "Stop",
     "StopAck",
+    "StatusChanged",
     # Errors
     "ActorGraphError",
     "NotFound",

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import builtins
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from actors.catalog import Catalog
-from actors.messages import Stop, StopAck
+from actors.messages import StatusChanged, Stop, StopAck
 from actors.reader import Reader
+from actors.watch import Target, Watch, Watching
 from actors.remote import check_wait_timeout, owned_record, stop_elsewhere
 from actors.submit import submit_root
 from persistence import ExecutionRecord, ExecutionStatus, Store
@@ -29,6 +30,7 @@ class Client:
         self._store = Store.open(database)
         self._reader = Reader(self._store)
         self._catalog = Catalog()
+        self._watching = Watching(self._store)
 
     def __enter__(self) -> "Client":
         return self
@@ -37,6 +39,7 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        self._watching.close()
         self._store.close()
 
     def load(self, source: str | os.PathLike | Mapping[str, Any]) -> builtins.list[str]:
@@ -64,6 +67,29 @@ class Client:
         record = owned_record(self._store, execution_id, user_id)
         return stop_elsewhere(self._store, record, Stop(user_id=user_id, cascade=cascade, reason=reason,
                                                         wait_timeout=float(wait_timeout)))
+
+    # -- watching ------------------------------------------------------------------------
+
+    def watch(self, execution_id: str, target: Target) -> Watch:
+        """Send ``target`` a StatusChanged for every committed status change of the execution and its subtree.
+
+        ``target`` is a pykka ActorRef (told each change) or a callable (called
+        on the watch thread; keep it short). The changes of each execution
+        come in order (QUEUED, RUNNING, then its end), never before their
+        commit, and the watched execution's end comes last; an execution
+        already terminal gets its history at once. Works for executions
+        hosted by any process. A watcher actor that is dead is dropped.
+        Raises NotFound for an unknown execution.
+        """
+        return self._watching.watch(execution_id, target)
+
+    def unwatch(self, watch: Watch) -> None:
+        """End a watch; nothing more is delivered to its target after this returns (but one in hand)."""
+        self._watching.unwatch(watch)
+
+    def changes(self, execution_id: str, timeout: float = 60.0) -> Iterator[StatusChanged]:
+        """The same feed as an iterator; it ends after the execution's end (TimeoutError after ``timeout`` s)."""
+        return self._watching.changes(execution_id, timeout)
 
     def get(self, execution_id: str, user_id: str | None = None) -> ExecutionRecord:
         return self._reader.get(execution_id, user_id)

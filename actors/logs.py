@@ -2,12 +2,46 @@
 
 Both as attributes of the record (``extra=``, for structured handlers) and
 in the message text, so a plain console log names them too.
+``configure_logging`` sets up run.py's handler: plain text, or one JSON
+object per record with ``ACTORGRAPH_LOG_FORMAT=json``.
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import json
 import logging
+import os
 from typing import Any
+
+EXECUTION_FIELDS = ("execution_id", "parent_id", "root_id")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message, and the execution's ids as fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for field in EXECUTION_FIELDS:
+            if hasattr(record, field):
+                entry[field] = getattr(record, field)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(environ: Any = os.environ) -> None:
+    """Log to stderr at ``ACTORGRAPH_LOG`` (default WARNING), as text or, with ``ACTORGRAPH_LOG_FORMAT=json``, JSON."""
+    handler = logging.StreamHandler()
+    kind = environ.get("ACTORGRAPH_LOG_FORMAT", "text").lower()
+    handler.setFormatter(JsonFormatter() if kind == "json" else logging.Formatter(TEXT_FORMAT))
+    logging.basicConfig(level=environ.get("ACTORGRAPH_LOG", "WARNING").upper(), handlers=[handler])
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -9,6 +9,7 @@ messages into the other actor's mailbox, never callbacks into its code.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 from typing import Any
 
 from persistence import ExecutionStatus, Promise
@@ -218,3 +219,20 @@ class Halt:
     """
 
     reason: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StatusChanged:
+    """To a watcher (``Runtime.watch``): an execution's status changed, and the change is committed.
+
+    ``at`` is when the row recorded the change (aware UTC).
+    """
+
+    execution_id: str
+    parent_id: str | None
+    root_id: str
+    graph_id: str
+    status: ExecutionStatus
+    at: dt.datetime
+    error: str | None
+    stop_reason: str | None

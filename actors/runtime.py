@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Callable, Literal, Mapping, overload
+from typing import Any, Callable, Iterator, Literal, Mapping, overload
 
 import pykka
 
@@ -23,8 +23,9 @@ from actors.errors import InvalidInput, StopTimeout
 from actors.execution import ExecutionActor
 from actors.host import Ended, Host, LiveActors
 from actors.logs import Identity
-from actors.messages import Begin, Halt, Stop, StopAck
+from actors.messages import Begin, Halt, StatusChanged, Stop, StopAck
 from actors.reader import Reader
+from actors.watch import Target, Watch, Watching
 from actors.remote import StopWatcher, check_wait_timeout, owned_record, stop_elsewhere
 from actors.submit import submit_root
 from actors.worker import Claimer
@@ -137,6 +138,7 @@ class Runtime:
             catalog=self._catalog, max_depth=max_depth, failure_timeout=failure_timeout, live=LiveActors(),
             on_ended=self._on_ended, on_halted=self._on_halted)
         self._watcher = StopWatcher(self._store, self.runtime_id, self._on_stop_request)
+        self._watching = Watching(self._store)
         self._claimer = Claimer(
             self._store, self._catalog, self.runtime_id, concurrency=concurrency,
             per_user=max_running_per_user, per_graph=max_running_per_graph,
@@ -272,6 +274,29 @@ class Runtime:
         if ref is None:
             raise NotFound(f"execution {execution_id!r} has no live actor in this runtime")
         return ref
+
+    # -- watching ------------------------------------------------------------------------
+
+    def watch(self, execution_id: str, target: Target) -> Watch:
+        """Send ``target`` a StatusChanged for every committed status change of the execution and its subtree.
+
+        ``target`` is a pykka ActorRef (told each change) or a callable (called
+        on the watch thread; keep it short). The changes of each execution
+        come in order (QUEUED, RUNNING, then its end), never before their
+        commit, and the watched execution's end comes last; an execution
+        already terminal gets its history at once. Works for executions
+        hosted by any process. A watcher actor that is dead is dropped.
+        Raises NotFound for an unknown execution.
+        """
+        return self._watching.watch(execution_id, target)
+
+    def unwatch(self, watch: Watch) -> None:
+        """End a watch; nothing more is delivered to its target after this returns (but one in hand)."""
+        self._watching.unwatch(watch)
+
+    def changes(self, execution_id: str, timeout: float = 60.0) -> Iterator[StatusChanged]:
+        """The same feed as an iterator; it ends after the execution's end (TimeoutError after ``timeout`` s)."""
+        return self._watching.changes(execution_id, timeout)
 
     # -- stopping -------------------------------------------------------------------
 
@@ -569,6 +594,7 @@ class Runtime:
         """Unregister and close the store; if the database is away, leave a trail for recovery."""
         if self.lease_lost.is_set():
             # Our row is gone and nothing of ours is written any more.
+            self._watching.close()
             self._store.close(drain_timeout=1.0)
             return
         away = self._store.database_away(DATABASE_PATIENCE)
@@ -585,6 +611,7 @@ class Runtime:
             logger.warning("runtime %s closes while the database is unavailable: executions it could "
                            "not write stay active in the database until the next runtime or "
                            "run.py stop recovers them", self.runtime_id)
+        self._watching.close()
         self._store.close(drain_timeout=1.0 if away else 30.0)
 
 

@@ -28,6 +28,8 @@ from persistence.outage import Backoff, Outage
 logger = logging.getLogger(__name__)
 
 CLAIM_CHANNEL = "actorgraph_claim"
+# NOTIFYed by every transaction that changes a status: watchers read again.
+STATUS_CHANNEL = "actorgraph_status"
 
 
 def stop_channel(runtime_id: str) -> str:

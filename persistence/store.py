@@ -20,7 +20,7 @@ import peewee
 from persistence import database as databases
 from persistence.dialect import Dialect, marks, utcnow
 from persistence.errors import DatabaseError
-from persistence.notifications import CLAIM_CHANNEL, Notices, stop_channel
+from persistence.notifications import CLAIM_CHANNEL, STATUS_CHANNEL, Notices, stop_channel
 from persistence.outage import Backoff, Outage
 from persistence.promise import Promise
 from persistence.records import ExecutionRecord, NodeRecord, loads
@@ -191,12 +191,34 @@ class Store:
             "WITH RECURSIVE subtree(id, level) AS ("
             " SELECT id, 0 FROM graph_execution WHERE id = ?"
             " UNION ALL SELECT g.id, s.level + 1 FROM graph_execution g JOIN subtree s ON g.parent_id = s.id)"
-            " SELECT g.id, g.graph_id, g.user_id, g.status, g.parent_id, g.runtime_id, g.stop_forced, s.level"
+            " SELECT g.id, g.graph_id, g.user_id, g.status, g.parent_id, g.runtime_id, g.stop_forced, s.level,"
+            " g.created_at, g.started_at, g.ended_at, g.error, g.stop_reason"
             " FROM subtree s JOIN graph_execution g ON g.id = s.id ORDER BY s.level, g.created_at, g.id",
             [execution_id],
         )
-        keys = ("id", "graph_id", "user_id", "status", "parent_id", "runtime_id", "stop_forced", "level")
-        return [dict(zip(keys, row)) for row in rows]
+        keys = ("id", "graph_id", "user_id", "status", "parent_id", "runtime_id", "stop_forced", "level",
+                "created_at", "started_at", "ended_at", "error", "stop_reason")
+        found = [dict(zip(keys, row)) for row in rows]
+        for row in found:
+            for column in ("created_at", "started_at", "ended_at"):
+                row[column] = Dialect.read_time(row[column])
+        return found
+
+    @_translated
+    def root_of(self, execution_id: str) -> str | None:
+        """The root of ``execution_id``'s tree (itself for a root); None if it does not exist."""
+        rows = self._read(
+            "WITH RECURSIVE up(id, parent_id) AS ("
+            " SELECT id, parent_id FROM graph_execution WHERE id = ?"
+            " UNION ALL SELECT g.id, g.parent_id FROM graph_execution g JOIN up u ON g.id = u.parent_id)"
+            " SELECT id FROM up WHERE parent_id IS NULL",
+            [execution_id],
+        )
+        return rows[0][0] if rows else None
+
+    def status_notices(self) -> Notices:
+        """A listener that wakes when any status change commits (PostgreSQL LISTEN; polls on SQLite)."""
+        return Notices(self._database if not self._sql.is_sqlite else None, STATUS_CHANNEL)
 
     @_translated
     def list_executions(self, user_id: str | None = None, status: ExecutionStatus | None = None,

@@ -39,7 +39,7 @@ from persistence.dialect import Dialect
 from persistence.errors import DatabaseError, LeaseLost
 from persistence.outage import Backoff, Outage
 from persistence.promise import Promise
-from persistence.writes import Operation, hold_lease
+from persistence.writes import Operation, hold_lease, notify_status_changed
 
 logger = logging.getLogger(__name__)
 
@@ -411,6 +411,8 @@ class Writer:
             outcomes = [ops[0].run(self._sql)] if len(ops) == 1 else type(ops[0]).run_many(self._sql, ops)
             for (index, position, _), outcome in zip(members, outcomes):
                 results[index][position] = outcome
+        if any(op.changes_status for _, _, op in flat):
+            notify_status_changed(self._sql)
         return results
 
 

@@ -26,7 +26,7 @@ import datetime as dt
 from typing import Any, Hashable, Self, Sequence
 
 from persistence.dialect import MAX_PARAMS, Dialect, chunks, marks
-from persistence.notifications import CLAIM_CHANNEL, stop_channel
+from persistence.notifications import CLAIM_CHANNEL, STATUS_CHANNEL, stop_channel
 from persistence.status import ACTIVE, ExecutionStatus, sources_of
 
 _ACTIVE = tuple(sorted(s.value for s in ACTIVE))
@@ -48,6 +48,9 @@ class Operation:
     """One write. ``run`` executes it inside the writer's open transaction."""
 
     phase = 2
+    # Whether it may change an execution's status: a transaction that runs
+    # one tells the watchers at commit (PostgreSQL NOTIFY, see Writer._run).
+    changes_status = False
 
     def merge_key(self) -> Hashable | None:
         """Operations with equal non-None keys may run as one statement."""
@@ -64,6 +67,8 @@ class Operation:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class InsertExecution(Operation):
     """A new execution row; its parent link is committed with it."""
+
+    changes_status = True
 
     id: str
     graph_id: str
@@ -108,6 +113,8 @@ class MoveExecutions(Operation):
     ``started_at``/``ended_at`` are written only when given. Stop fields are
     kept if a stop request already set them (COALESCE): the first reason wins.
     """
+
+    changes_status = True
 
     phase = 5
     ids: tuple[str, ...]
@@ -296,6 +303,8 @@ class TerminateSubtree(Operation):
     for the subtrees of runtimes that are gone. Nodes are ended with them.
     """
 
+    changes_status = True
+
     phase = 4
     execution_id: str
     reason: str
@@ -344,6 +353,8 @@ class RecoverLostRuntimes(Operation):
     recovers at a time, under an advisory lock; another that finds the lock
     taken recovers nothing.
     """
+
+    changes_status = True
 
     phase = 6
     runtimes: tuple[LostRuntime, ...]
@@ -481,6 +492,8 @@ class ClaimRoots(Operation):
     free slots: a limited root never overtakes an older one of the same user.
     """
 
+    changes_status = True
+
     runtime_id: str
     versions: tuple[str, ...]
     limit: int
@@ -555,6 +568,8 @@ class TerminateUnclaimed(Operation):
     left to its worker (the caller then stops it there).
     """
 
+    changes_status = True
+
     execution_id: str
     reason: str
     at: dt.datetime
@@ -601,6 +616,12 @@ class UnregisterRuntime(Operation):
 
     def run(self, sql: Dialect) -> None:
         sql.execute("DELETE FROM runtime WHERE id = ?", [self.runtime_id])
+
+
+def notify_status_changed(sql: Dialect) -> None:
+    """At commit, wake every watcher (PostgreSQL; SQLite watchers poll)."""
+    if not sql.is_sqlite:
+        sql.execute("SELECT pg_notify(?, '')", [STATUS_CHANNEL])
 
 
 def _end_nodes(sql: Dialect, execution_ids: Sequence[str], target: ExecutionStatus,
