@@ -42,7 +42,7 @@ PG_CONNECTION_PARAMS: dict[str, Any] = {
     "tcp_user_timeout": 10_000,
     # The server's side of the same: a session that vanished inside a
     # transaction (its worker was cut off mid-commit) would hold its row
-    # locks, and with them its lease row (see writes.hold_lease), until the
+    # locks, and with them its lease row (see writes.begin_transaction), until the
     # server's own TCP noticed, hours later. Our transactions never wait on
     # the client, so 10 s idle inside one means the client is gone.
     "options": "-c idle_in_transaction_session_timeout=10000",

@@ -41,7 +41,7 @@ _RECORD_COLUMNS = (
 
 # A runtime's lease: it renews its heartbeat every 2 s (actors/remote.py), and
 # is presumed gone when the heartbeat is older than this. Another process
-# then recovers its executions (and fences it: see writes.hold_lease). Hosts'
+# then recovers its executions (and fences it: see writes.begin_transaction). Hosts'
 # clocks must agree to well within this (NTP does).
 STALE_AFTER = dt.timedelta(seconds=15)
 

@@ -39,7 +39,7 @@ from persistence.dialect import Dialect
 from persistence.errors import DatabaseError, LeaseLost
 from persistence.outage import Backoff, Outage
 from persistence.promise import Promise
-from persistence.writes import Operation, hold_lease, notify_status_changed
+from persistence.writes import Operation, begin_transaction
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class Writer:
         return started is not None and time.monotonic() - started > patience
 
     def fence(self, runtime_id: str, on_lost: Callable[[], None]) -> None:
-        """From now on, write only while ``runtime_id``'s row exists (its lease: see writes.hold_lease).
+        """From now on, write only while ``runtime_id``'s row exists (its lease: see writes.begin_transaction).
 
         Once it is gone, the transaction that found it so writes nothing,
         ``on_lost`` is called once (on the committing thread, before any
@@ -321,7 +321,8 @@ class Writer:
             self._database.connect(reuse_if_open=True)
             with self._database.atomic():
                 owner = self._fence_owner
-                if owner is not None and not hold_lease(self._sql, owner):
+                changes_status = any(op.changes_status for submission in batch for op in submission.ops)
+                if not begin_transaction(self._sql, owner, changes_status):
                     raise LeaseLost(f"runtime {owner} lost its lease: another process recovered its "
                                     "executions, and nothing more of this runtime is written")
                 results = self._run(batch)
@@ -411,8 +412,6 @@ class Writer:
             outcomes = [ops[0].run(self._sql)] if len(ops) == 1 else type(ops[0]).run_many(self._sql, ops)
             for (index, position, _), outcome in zip(members, outcomes):
                 results[index][position] = outcome
-        if any(op.changes_status for _, _, op in flat):
-            notify_status_changed(self._sql)
         return results
 
 

@@ -348,7 +348,7 @@ class RecoverLostRuntimes(Operation):
     A runtime is taken only if its row still holds the heartbeat it had when
     it was found gone (compare-and-delete): one that renewed its lease
     meanwhile is left alone. Deleting its row is what fences it: every write
-    of a runtime first holds its own row (``hold_lease``), so it waits for
+    of a runtime first holds its lease (``begin_transaction``), so it waits for
     this transaction and then finds the row gone. On PostgreSQL one process
     recovers at a time, under an advisory lock; another that finds the lock
     taken recovers nothing.
@@ -421,20 +421,37 @@ def _take_lease(sql: Dialect, runtime: LostRuntime) -> bool:
     return True
 
 
-def hold_lease(sql: Dialect, runtime_id: str) -> bool:
-    """In a runtime's write transaction: hold its lease until commit; False if it is gone.
+def begin_transaction(sql: Dialect, lease_holder: str | None, changes_status: bool) -> bool:
+    """The first statement of every write transaction: the lease fence and the watchers' notice.
 
-    The fence of every write. On PostgreSQL the transaction takes the
-    runtime's lease lock shared (an advisory lock: in memory, no WAL), so
-    the runtime's own transactions run side by side, while a recovery,
-    which takes it exclusively before it deletes the row, waits for none of
-    them and none of them runs beside it: a write either commits before the
-    recovery looks, or sees the row gone and writes nothing. SQLite writes
-    one transaction at a time anyway.
+    Returns False if ``lease_holder``'s lease is gone (then nothing may be
+    written). On PostgreSQL the transaction takes the runtime's lease lock
+    shared (an advisory lock: in memory, no WAL), so the runtime's own
+    transactions run side by side, while a recovery, which takes it
+    exclusively before it deletes the runtime's row, waits for none of them
+    and none runs beside it: a write either commits before the recovery
+    looks, or sees the row gone and writes nothing. SQLite writes one
+    transaction at a time anyway. A transaction that changes a status also
+    NOTIFYs the watchers (delivered at commit, and only if it commits),
+    in the same statement as the check.
     """
-    if not sql.is_sqlite:
-        sql.execute(f"SELECT pg_advisory_xact_lock_shared({_LEASE_LOCK_KEY})", [runtime_id])
-    return bool(sql.fetchall("SELECT id FROM runtime WHERE id = ?", [runtime_id]))
+    if not sql.is_sqlite and lease_holder is not None:
+        # A statement of its own: the check below must read with a snapshot
+        # taken after the lock was granted, or it could miss a recovery that
+        # committed while this waited for the lock.
+        sql.execute(f"SELECT pg_advisory_xact_lock_shared({_LEASE_LOCK_KEY})", [lease_holder])
+    parts: list[str] = []
+    params: list[Any] = []
+    if lease_holder is not None:
+        parts.append("EXISTS (SELECT 1 FROM runtime WHERE id = ?)")
+        params.append(lease_holder)
+    if changes_status and not sql.is_sqlite:
+        parts.append("pg_notify(?, '') IS NOT NULL")  # pg_notify returns void, which is not NULL
+        params.append(STATUS_CHANNEL)
+    if not parts:
+        return True
+    (row,) = sql.fetchall(f"SELECT {', '.join(parts)}", params)
+    return all(row)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -616,12 +633,6 @@ class UnregisterRuntime(Operation):
 
     def run(self, sql: Dialect) -> None:
         sql.execute("DELETE FROM runtime WHERE id = ?", [self.runtime_id])
-
-
-def notify_status_changed(sql: Dialect) -> None:
-    """At commit, wake every watcher (PostgreSQL; SQLite watchers poll)."""
-    if not sql.is_sqlite:
-        sql.execute("SELECT pg_notify(?, '')", [STATUS_CHANNEL])
 
 
 def _end_nodes(sql: Dialect, execution_ids: Sequence[str], target: ExecutionStatus,
