@@ -42,11 +42,28 @@ class LiveActors:
         # How many threads wait on _changed: a removal with nobody waiting
         # (the common case, thousands per stop) skips the notify.
         self._waiters = 0
+        # Once set (the lease is lost), told to every actor, and to every one added later.
+        self._seal: Any = None
 
     def add(self, identity: Identity, ref: pykka.ActorRef) -> None:
         with self._lock:
             self._refs[identity.execution_id] = ref
             self._identities[identity.execution_id] = identity
+            seal = self._seal
+        if seal is not None:
+            _tell(ref, seal)
+
+    def seal(self, message: Any) -> int:
+        """Tell ``message`` to every live actor and to every actor added from now on; return how many were live.
+
+        Under the lock, so that no actor added meanwhile is missed.
+        """
+        with self._lock:
+            self._seal = message
+            refs = list(self._refs.values())
+        for ref in refs:
+            _tell(ref, message)
+        return len(refs)
 
     def remove(self, execution_id: str) -> None:
         with self._lock:
@@ -62,10 +79,6 @@ class LiveActors:
     def __len__(self) -> int:
         with self._lock:
             return len(self._refs)
-
-    def all(self) -> list[tuple[Identity, pykka.ActorRef]]:
-        with self._lock:
-            return [(self._identities[i], ref) for i, ref in self._refs.items()]
 
     def tops(self) -> list[tuple[Identity, pykka.ActorRef]]:
         """Live executions whose parent is not live here: where a cascade must start."""
@@ -86,6 +99,13 @@ class LiveActors:
                 return self._changed.wait_for(predicate, timeout)
             finally:
                 self._waiters -= 1
+
+
+def _tell(ref: pykka.ActorRef, message: Any) -> None:
+    try:
+        ref.tell(message)
+    except pykka.ActorDeadError:
+        pass  # it ended meanwhile
 
 
 @dataclasses.dataclass(kw_only=True)

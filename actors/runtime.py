@@ -485,14 +485,11 @@ class Runtime:
             self._claimer.pause()
         for root in self._admission.queued():
             self._admission.remove(root.execution_id)
-        halted = self._host.live.all()
+        # Every live actor halts, and so does any started from now on (a
+        # child whose parent's turn was under way): none writes again.
+        halted = self._host.live.seal(Halt(reason=f"runtime {self.runtime_id} lost its lease"))
         logger.error("runtime %s lost its lease: another process recovered its executions; %d executions "
-                     "are halted here and nothing more is written for them", self.runtime_id, len(halted))
-        for _, ref in halted:
-            try:
-                ref.tell(Halt(reason=f"runtime {self.runtime_id} lost its lease"))
-            except pykka.ActorDeadError:
-                pass
+                     "are halted here and nothing more is written for them", self.runtime_id, halted)
 
     @property
     def live_count(self) -> int:
