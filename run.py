@@ -8,14 +8,19 @@
     python run.py worker --db postgresql://... [--concurrency N] [--max-running-per-user N]
                          [--max-running-per-graph N] [--blocks MODULE ...] [--drain-timeout S]
     python run.py stop EXEC_ID --user U [--no-cascade] [--timeout S]
-    python run.py tree EXEC_ID [--json]
+    python run.py watch EXEC_ID [--color auto|always|never]
+    python run.py serve [--host 127.0.0.1] [--port 8765]
+    python run.py tree EXEC_ID [--format text|json|mermaid] [--json] [--color auto|always|never]
     python run.py list [--user U] [--status S] [--limit N] [--json]
     python run.py bench [--quick] [--json PATH] [--postgres URL]
 
 Every command takes ``--db URL`` (default: env ACTORGRAPH_DATABASE, else
 sqlite:///actorgraph.db). Exit codes: 0 done (COMPLETED, or the stop/demo
 succeeded), 1 FAILED, 2 bad input, 3 TERMINATED, 4 permission denied,
-5 not found.
+5 not found. ``watch`` exits with the watched execution's final status
+(0, 1 or 3). Statuses are coloured on a colour terminal only: never in a
+pipe, nor when NO_COLOR is set (https://no-color.org) or TERM=dumb, unless
+``--color always`` asks for it.
 """
 from __future__ import annotations
 
@@ -23,17 +28,20 @@ import argparse
 import getpass
 import importlib
 import json
-import logging
 import os
+import queue
+import re
 import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, Callable, Iterator, Mapping, NoReturn, Sequence
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TERMINATED, EXIT_DENIED, EXIT_NOT_FOUND = 0, 1, 2, 3, 4, 5
 STATUS_EXIT = {"COMPLETED": EXIT_OK, "FAILED": EXIT_FAILED, "TERMINATED": EXIT_TERMINATED}
 REDRAW_EVERY = 0.25
+# How long one ``Client.changes`` call may wait before watch subscribes again.
+WATCH_CALL_TIMEOUT = 30.0
 DEMO_LEAF_SECONDS = 3600
 
 
@@ -59,6 +67,16 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -67,6 +85,12 @@ def _non_negative_float(text: str) -> float:
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} must be a number of seconds >= 0")
     return value
+
+
+def _color_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--color", choices=COLOR_MODES, default="auto",
+                        help="colour the statuses: auto (default: only on a terminal, without NO_COLOR "
+                             "and TERM=dumb), always or never")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--fanout", type=_positive(int), default=3, help="children per execution (default 3)")
     demo.add_argument("--stop-after", type=_positive(float), default=2.0, metavar="S",
                       help="seconds before the root is stopped (default 2.0)")
+    _color_option(demo)
 
     run = command("run", "run a graph from a JSON file and wait for its end")
     run.add_argument("graphs", metavar="GRAPHS.json")
@@ -123,9 +148,23 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("--timeout", type=_positive(float), default=15.0, metavar="S",
                       help="seconds running work has before it is terminated anyway (default 15)")
 
+    serve = command("serve", "a local status page: runs, live trees, stop buttons (Ctrl-C ends it)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=_port, default=8765, help="port (default 8765; 0 picks a free one)")
+
+    watch = command("watch", "follow an execution and its subtree, from any process, until it ends; "
+                             "exit with its final status (0 COMPLETED, 1 FAILED, 3 TERMINATED)")
+    watch.add_argument("execution_id", metavar="EXEC_ID")
+    _color_option(watch)
+
     tree = command("tree", "print an execution's tree (read only)")
     tree.add_argument("execution_id", metavar="EXEC_ID")
-    tree.add_argument("--json", action="store_true")
+    form = tree.add_mutually_exclusive_group()
+    form.add_argument("--format", choices=TREE_FORMATS, default="text",
+                      help="text (default), json, or a mermaid flowchart for documentation and issues")
+    form.add_argument("--json", action="store_const", dest="format", const="json",
+                      help="same as --format json")
+    _color_option(tree)
 
     listing = command("list", "list executions, newest first (read only)")
     listing.add_argument("--user", default=None)
@@ -155,48 +194,181 @@ def parse_inputs(pairs: Sequence[str]) -> dict[str, Any]:
 
 # -- output ----------------------------------------------------------------------
 
+STATUS_ORDER = ("QUEUED", "RUNNING", "COMPLETED", "FAILED", "TERMINATED")
+TERMINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "TERMINATED"})
+# SGR colour codes: blue, yellow, green, red, magenta.
+STATUS_COLORS = {"QUEUED": "34", "RUNNING": "33", "COMPLETED": "32", "FAILED": "31", "TERMINATED": "35"}
+COLOR_MODES = ("auto", "always", "never")
+TREE_FORMATS = ("text", "json", "mermaid")
+# An execution's statuses only move forward: QUEUED, RUNNING, then one terminal status.
+_RANK = {"QUEUED": 0, "RUNNING": 1, "COMPLETED": 2, "FAILED": 2, "TERMINATED": 2}
+_FEED_END = object()
+# Mermaid classDef styles, one per status (fill, border, text).
+MERMAID_STYLES = {
+    "QUEUED": "fill:#e7f5ff,stroke:#1c7ed6,color:#0b3d66",
+    "RUNNING": "fill:#fff9db,stroke:#f08c00,color:#5c3c00",
+    "COMPLETED": "fill:#ebfbee,stroke:#2f9e44,color:#1b4d2a",
+    "FAILED": "fill:#fff5f5,stroke:#e03131,color:#5c1010",
+    "TERMINATED": "fill:#f8f0fc,stroke:#ae3ec9,color:#4a1559",
+}
+_MERMAID_UNSAFE = re.compile(r'["#<>&\\`]|[^\x20-\x7e]')
 
-def tree_lines(node: dict[str, Any], prefix: str = "", last: bool = True, top: bool = True) -> list[str]:
+
+def use_color(stream: Any, mode: str = "auto", environ: Mapping[str, str] | None = None) -> bool:
+    """Whether statuses written to ``stream`` are coloured.
+
+    ``always`` and ``never`` decide (a command-line flag overrides NO_COLOR,
+    as https://no-color.org asks). ``auto`` colours only a terminal, and only
+    when NO_COLOR is unset or empty and TERM is not ``dumb``.
+    """
+    if mode != "auto":
+        return mode == "always"
+    env = os.environ if environ is None else environ
+    if env.get("NO_COLOR") or env.get("TERM") == "dumb":
+        return False
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # not a file, or a closed one
+        return False
+
+
+def can_redraw(stream: Any, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether ``stream`` is a terminal that moves its cursor (a TERM=dumb one does not)."""
+    env = os.environ if environ is None else environ
+    try:
+        return bool(stream.isatty()) and env.get("TERM") != "dumb"
+    except (AttributeError, ValueError):
+        return False
+
+
+def paint(status: str, color: bool) -> str:
+    """``status``, wrapped in its colour's escape codes when ``color``."""
+    code = STATUS_COLORS.get(status)
+    return f"\x1b[{code}m{status}\x1b[0m" if color and code else status
+
+
+def status_text(status: Any) -> str:
+    """The status string of an ``ExecutionStatus`` or of a plain string."""
+    return str(getattr(status, "value", status))
+
+
+def tree_lines(node: dict[str, Any], prefix: str = "", last: bool = True, top: bool = True,
+               color: bool = False) -> list[str]:
     branch = "" if top else ("`-- " if last else "|-- ")
-    lines = [f"{prefix}{branch}{node['graph_id']} {node['id']} {node['status']}"]
+    lines = [f"{prefix}{branch}{node['graph_id']} {node['id']} {paint(node['status'], color)}"]
     inner = prefix + ("" if top else ("    " if last else "|   "))
     children = node["children"]
     for index, child in enumerate(children):
-        lines.extend(tree_lines(child, inner, index == len(children) - 1, top=False))
+        lines.extend(tree_lines(child, inner, index == len(children) - 1, top=False, color=color))
     return lines
+
+
+def walk(tree: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every node of ``tree``, parents before children, children in their order (no recursion)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        stack.extend(reversed(node["children"]))
 
 
 def count_statuses(node: dict[str, Any], counts: dict[str, int] | None = None) -> dict[str, int]:
     counts = {} if counts is None else counts
-    counts[node["status"]] = counts.get(node["status"], 0) + 1
-    for child in node["children"]:
-        count_statuses(child, counts)
+    for each in walk(node):
+        counts[each["status"]] = counts.get(each["status"], 0) + 1
     return counts
 
 
-def summary(node: dict[str, Any]) -> str:
+def summary(node: dict[str, Any], color: bool = False) -> str:
+    """A count per status, in the order of the status machine: ``RUNNING 2, COMPLETED 1``."""
     counts = count_statuses(node)
-    return ", ".join(f"{status} {count}" for status, count in sorted(counts.items()))
+    order = [s for s in STATUS_ORDER if s in counts] + sorted(set(counts) - set(STATUS_ORDER))
+    return ", ".join(f"{paint(status, color)} {counts[status]}" for status in order)
+
+
+def mermaid_text(text: str) -> str:
+    """``text`` made safe inside a quoted mermaid label: quotes, ``#``, ``<``, ``>``, ``&``,
+    backslashes, backticks and anything outside printable ASCII become ``#code;`` entities."""
+    return _MERMAID_UNSAFE.sub(lambda match: f"#{ord(match.group())};", text)
+
+
+def mermaid(tree: dict[str, Any]) -> str:
+    """A mermaid ``flowchart TD`` of ``tree``: one node per execution, labelled by graph and status.
+
+    Node ids are ``e0, e1, ...`` in tree order (parents first); a ``%%``
+    comment maps each to its execution id. Edges go parent --> child, and
+    each node carries its status's class. The same tree gives the same text.
+    """
+    nodes = list(walk(tree))
+    names = {node["id"]: f"e{index}" for index, node in enumerate(nodes)}
+    lines = ["flowchart TD"]
+    for node in nodes:
+        name, status = names[node["id"]], node["status"]
+        lines.append(f"    %% {name} = {mermaid_text(str(node['id']))}")
+        lines.append(f'    {name}["{mermaid_text(str(node["graph_id"]))}<br/>{mermaid_text(status)}"]'
+                     f":::{_mermaid_class(status)}")
+    for node in nodes:
+        lines.extend(f"    {names[node['id']]} --> {names[child['id']]}" for child in node["children"])
+    lines.extend(f"    classDef {_mermaid_class(status)} {style}" for status, style in MERMAID_STYLES.items())
+    return "\n".join(lines)
+
+
+def _mermaid_class(status: str) -> str:
+    return re.sub(r"[^a-z0-9]", "_", status.lower()) or "unknown"
+
+
+def change_line(change: Any, color: bool = False) -> str:
+    """One ``StatusChanged`` as a line: ``<iso time> <execution id> <graph id> <STATUS>``, then
+    ``error=`` and ``reason=`` as JSON strings (one line whatever they hold) when set."""
+    at = change.at.isoformat(timespec="milliseconds") if hasattr(change.at, "isoformat") else str(change.at)
+    line = f"{at} {change.execution_id} {change.graph_id} {paint(status_text(change.status), color)}"
+    if change.error:
+        line += f" error={json.dumps(change.error)}"
+    if change.stop_reason:
+        line += f" reason={json.dumps(change.stop_reason)}"
+    return line
 
 
 class TreeView:
-    """Shows a tree while it runs: redrawn in place on a terminal, plain summary lines when piped."""
+    """Shows a tree while it runs: redrawn in place on a terminal, plain summary lines when piped
+    (or on a TERM=dumb terminal, which cannot move its cursor).
 
-    def __init__(self, stream: Any = sys.stdout) -> None:
+    On a terminal the drawing is cut to the screen's height (cursor-up
+    cannot climb above it) and lines are clipped rather than wrapped, so
+    that the next redraw erases exactly what this one drew.
+    """
+
+    def __init__(self, stream: Any = sys.stdout, color: bool = False, title: str = "") -> None:
         self.stream = stream
-        self.tty = stream.isatty()
+        self.tty = can_redraw(stream)
+        self.color = color
+        self.title = title
         self._drawn = 0
 
     def show(self, tree: dict[str, Any], elapsed: float) -> None:
+        head = f"{self.title}[{elapsed:5.1f}s] {summary(tree, self.color)}"
         if not self.tty:
-            print(f"[{elapsed:5.1f}s] {summary(tree)}", file=self.stream, flush=True)
+            print(head, file=self.stream, flush=True)
             return
-        lines = [f"[{elapsed:5.1f}s] {summary(tree)}", *tree_lines(tree)]
+        lines = [head, *tree_lines(tree, color=self.color)]
+        rows = self._rows()
+        if rows and len(lines) > rows - 1:
+            hidden = len(lines) - (rows - 2)
+            lines = [*lines[:rows - 2], f"... {hidden} more lines"]
+        text = "\x1b[?7l"  # no autowrap while drawing: one line drawn, one line to erase
         if self._drawn:
-            self.stream.write(f"\x1b[{self._drawn}F\x1b[J")
-        self.stream.write("\n".join(lines) + "\n")
+            text += f"\x1b[{self._drawn}F\x1b[J"
+        self.stream.write(text + "\n".join(lines) + "\n\x1b[?7h")
         self.stream.flush()
         self._drawn = len(lines)
+
+    def _rows(self) -> int:
+        """The terminal's height, or 0 when unknown (then nothing is cut)."""
+        try:
+            rows = os.get_terminal_size(self.stream.fileno()).lines
+        except (AttributeError, OSError, ValueError):
+            return 0
+        return rows if rows >= 3 else 0
 
 
 # -- commands -------------------------------------------------------------------------
@@ -224,7 +396,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         root = rt.start("level0", user_id=user)
         print(f"demo: root {root}: depth {args.depth}, fan-out {args.fanout}: {expected} executions; "
               f"stopping the root after {args.stop_after}s", flush=True)
-        view = TreeView()
+        color = use_color(sys.stdout, args.color)
+        view = TreeView(color=color)
         started = time.monotonic()
         interrupted = False
         try:
@@ -241,10 +414,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"demo: stop returned after {latency * 1000:.1f} ms: {len(ack.terminated)} terminated, "
           f"{len(ack.already_final)} already final, {len(ack.forced)} forced")
     print("final tree, read back from the database:")
-    print("\n".join(tree_lines(final)))
+    print("\n".join(tree_lines(final, color=color)))
     counts = count_statuses(final)
     ok = counts == {"TERMINATED": expected}
-    print(f"demo: {summary(final)}: " + ("the whole tree ended TERMINATED" if ok else "NOT every execution ended TERMINATED"))
+    print(f"demo: {summary(final, color)}: " + ("the whole tree ended TERMINATED" if ok else "NOT every execution ended TERMINATED"))
     if not ok:
         return EXIT_FAILED
     return EXIT_TERMINATED if interrupted else EXIT_OK
@@ -388,13 +561,137 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from actors.serve import serve
+
+    return serve(args.db, host=args.host, port=args.port)
+
+
 def cmd_tree(args: argparse.Namespace) -> int:
     from actors import Reader
 
     with Reader.open(args.db) as reader:
         tree = reader.tree(args.execution_id)
-    print(json.dumps(tree, indent=2) if args.json else "\n".join(tree_lines(tree)))
+    if args.format == "json":
+        print(json.dumps(tree, indent=2))
+    elif args.format == "mermaid":
+        print(mermaid(tree))
+    else:
+        print("\n".join(tree_lines(tree, color=use_color(sys.stdout, args.color))))
     return EXIT_OK
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """Follow an execution until its terminal status; exit with it (0, 1 or 3).
+
+    On a terminal the live tree is redrawn in place; otherwise (a pipe, a
+    file, TERM=dumb) one line is printed per change. An unknown id is
+    NotFound (exit 5) before any wait. Watching never changes a row: Ctrl-C,
+    or a reader that goes away (``| head``), stops the watch, not the tree,
+    and exits 3.
+    """
+    from actors import Client
+
+    color = use_color(sys.stdout, args.color)
+    with Client(args.db) as client:
+        client.get(args.execution_id)  # NotFound at once, not after a first wait
+        last: Any = None  # follow ends only after the watched execution's terminal change
+        try:
+            if can_redraw(sys.stdout):
+                last = _watch_live(client, args.execution_id, color)
+            else:
+                for change in follow(client, args.execution_id):
+                    print(change_line(change, color), flush=True)
+                    last = change
+        except BrokenPipeError:
+            # Nothing can be written any more, not even at exit's flush.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_TERMINATED
+    return STATUS_EXIT[status_text(last.status)]
+
+
+def follow(client: Any, execution_id: str, call_timeout: float = WATCH_CALL_TIMEOUT) -> Iterator[Any]:
+    """Every status change of ``execution_id`` and its subtree, ending with its terminal one.
+
+    The end of ``execution_id`` ends the follow even if descendants it left
+    running (a stop without cascade) still change. Each ``client.changes`` call waits at most ``call_timeout`` seconds; on
+    its TimeoutError the execution is followed again by a new call. A status
+    is yielded once: an execution only moves forward (QUEUED, RUNNING, then
+    a terminal status), so whatever a new call repeats is skipped.
+    """
+    from actors import ActorGraphError
+
+    seen: dict[str, int] = {}
+    while True:
+        try:
+            for change in client.changes(execution_id, timeout=call_timeout):
+                status = status_text(change.status)
+                rank = _RANK.get(status, 0)
+                if rank <= seen.get(change.execution_id, -1):
+                    continue
+                seen[change.execution_id] = rank
+                yield change
+                if change.execution_id == execution_id and status in TERMINAL_STATUSES:
+                    return
+        except TimeoutError:
+            continue
+        raise ActorGraphError(f"the changes of execution {execution_id} ended before its terminal status")
+
+
+def _watch_live(client: Any, execution_id: str, color: bool) -> Any:
+    """Redraw the tree after each batch of changes (and the clock in between); return the last change.
+
+    A thread follows the changes into a queue, so that a burst of changes
+    costs one read of the tree and one redraw, not one per change.
+    """
+    feed: queue.Queue[Any] = queue.Queue()
+    closing = threading.Event()
+
+    def pump() -> None:
+        try:
+            for change in follow(client, execution_id):
+                feed.put(change)
+            feed.put(_FEED_END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
+            if not closing.is_set():
+                feed.put(exc)
+
+    threading.Thread(target=pump, name=f"watch-{execution_id}", daemon=True).start()
+    view = TreeView(sys.stdout, color=color, title=f"watch {execution_id} ")
+    started = time.monotonic()
+    tree = client.tree(execution_id)
+    last: Any = None
+    try:
+        while True:
+            view.show(tree, time.monotonic() - started)
+            batch = _drain(feed, REDRAW_EVERY)
+            for item in batch:
+                if isinstance(item, BaseException):
+                    raise item
+                if item is not _FEED_END:
+                    last = item
+            if batch:
+                tree = client.tree(execution_id)
+            if batch and batch[-1] is _FEED_END:
+                break
+    finally:
+        closing.set()
+    view.show(tree, time.monotonic() - started)
+    print(change_line(last, color), flush=True)
+    return last
+
+
+def _drain(feed: queue.Queue[Any], timeout: float) -> list[Any]:
+    """What ``feed`` holds: waits up to ``timeout`` for a first item, then takes the rest at once."""
+    try:
+        items = [feed.get(timeout=timeout)]
+    except queue.Empty:
+        return []
+    while True:
+        try:
+            items.append(feed.get_nowait())
+        except queue.Empty:
+            return items
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -426,13 +723,14 @@ def _login() -> str:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": cmd_demo, "run": cmd_run, "submit": cmd_submit, "worker": cmd_worker, "stop": cmd_stop,
-    "tree": cmd_tree, "list": cmd_list,
+    "serve": cmd_serve, "watch": cmd_watch, "tree": cmd_tree, "list": cmd_list,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("ACTORGRAPH_LOG", "WARNING").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from actors.logs import configure_logging
+
+    configure_logging()
     from actors import ActorGraphError, InvalidGraph, InvalidInput, NotFound, PermissionDenied
     from persistence import DatabaseError
 

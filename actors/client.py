@@ -98,5 +98,6 @@ class Client:
         return self._reader.tree(execution_id, user_id)
 
     def list(self, user_id: str | None = None, status: ExecutionStatus | str | None = None,
-             limit: int = 50) -> builtins.list[ExecutionRecord]:
-        return self._reader.list(user_id, status, limit)
+             limit: int = 50, roots_only: bool = False) -> builtins.list[ExecutionRecord]:
+        """Executions (with ``roots_only``, root executions: runs), newest first."""
+        return self._reader.list(user_id, status, limit, roots_only)

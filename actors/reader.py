@@ -48,14 +48,15 @@ class Reader:
         return build_tree(rows)
 
     def list(self, user_id: str | None = None, status: ExecutionStatus | str | None = None,
-             limit: int = 50) -> list[ExecutionRecord]:
-        """Executions, newest first."""
+             limit: int = 50, roots_only: bool = False) -> list[ExecutionRecord]:
+        """Executions (with ``roots_only``, root executions: runs), newest first."""
         if status is not None and status not in {s.value for s in ExecutionStatus}:
             raise InvalidInput(f"unknown status {status!r}: use one of "
                                f"{', '.join(s.value for s in ExecutionStatus)}")
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
             raise InvalidInput(f"limit must be a positive integer, not {limit!r}")
-        return self._store.list_executions(user_id, ExecutionStatus(status) if status else None, limit)
+        return self._store.list_executions(user_id, ExecutionStatus(status) if status else None, limit,
+                                           roots_only)
 
 
 def build_tree(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -264,9 +264,9 @@ class Runtime:
         return self._reader.tree(execution_id, user_id)
 
     def list(self, user_id: str | None = None, status: ExecutionStatus | str | None = None,
-             limit: int = 50) -> list[ExecutionRecord]:
-        """Executions, newest first."""
-        return self._reader.list(user_id, status, limit)
+             limit: int = 50, roots_only: bool = False) -> list[ExecutionRecord]:
+        """Executions (with ``roots_only``, root executions: runs), newest first."""
+        return self._reader.list(user_id, status, limit, roots_only)
 
     def actor(self, execution_id: str) -> pykka.ActorRef:
         """The live actor of an execution hosted by this runtime."""

@@ -222,8 +222,9 @@ class Store:
 
     @_translated
     def list_executions(self, user_id: str | None = None, status: ExecutionStatus | None = None,
-                        limit: int = 50) -> list[ExecutionRecord]:
-        clauses, params = [], []
+                        limit: int = 50, roots_only: bool = False) -> list[ExecutionRecord]:
+        clauses: list[str] = ["parent_id IS NULL"] if roots_only else []
+        params: list[Any] = []
         if user_id is not None:
             clauses.append("user_id = ?")
             params.append(user_id)
