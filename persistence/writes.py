@@ -435,14 +435,17 @@ def begin_transaction(sql: Dialect, lease_holder: str | None, changes_status: bo
     NOTIFYs the watchers (delivered at commit, and only if it commits),
     in the same statement as the check.
     """
-    if not sql.is_sqlite and lease_holder is not None:
-        # A statement of its own: the check below must read with a snapshot
-        # taken after the lock was granted, or it could miss a recovery that
-        # committed while this waited for the lock.
-        sql.execute(f"SELECT pg_advisory_xact_lock_shared({_LEASE_LOCK_KEY})", [lease_holder])
+    lock = ""
     parts: list[str] = []
     params: list[Any] = []
     if lease_holder is not None:
+        if not sql.is_sqlite:
+            # A statement of its own, before the check: in READ COMMITTED each
+            # statement reads with a snapshot taken when it starts, so the
+            # check sees any recovery that committed while this waited for
+            # the lock. Both go in one round trip.
+            lock = f"SELECT pg_advisory_xact_lock_shared({_LEASE_LOCK_KEY}); "
+            params.append(lease_holder)
         parts.append("EXISTS (SELECT 1 FROM runtime WHERE id = ?)")
         params.append(lease_holder)
     if changes_status and not sql.is_sqlite:
@@ -450,7 +453,7 @@ def begin_transaction(sql: Dialect, lease_holder: str | None, changes_status: bo
         params.append(STATUS_CHANNEL)
     if not parts:
         return True
-    (row,) = sql.fetchall(f"SELECT {', '.join(parts)}", params)
+    (row,) = sql.fetchall(f"{lock}SELECT {', '.join(parts)}", params)
     return all(row)
 
 

@@ -189,7 +189,7 @@ def test_unwatch_ends_delivery(runtime_factory):
     assert len(seen) == count
 
 
-def test_a_tree_hosted_by_another_process_is_watched_and_stopped_from_here(database_url, tmp_path):
+def test_a_tree_hosted_by_another_process_is_watched_and_stopped_from_here(database_url, tmp_path, checker):
     graphs = tmp_path / "graphs.json"
     graphs.write_text(__import__("json").dumps(g.graphs(nap=g.sleeper(), parent=g.agents("nap", 2))))
     host = subprocess.Popen([sys.executable, str(REPO / "run.py"), "run", str(graphs), "parent", "--user", "u",
@@ -205,12 +205,17 @@ def test_a_tree_hosted_by_another_process_is_watched_and_stopped_from_here(datab
                 done.set()
 
             threading.Thread(target=follow, daemon=True).start()
+            client.watch(root, checker)  # the same feed, each change checked against the database
             wait_until(lambda: sum(c.status.value == "RUNNING" for c in seen) == 3, TIMEOUT, "3 RUNNING")
             client.stop(root, user_id="u", wait_timeout=5)
             assert done.wait(TIMEOUT), "the feed did not end with the root's end"
             observer = Observer(database_url)
             check_feed(seen, observer, root)
             assert seen[-1].status.value == "TERMINATED"
+            wait_until(lambda: checker.changes and checker.changes[-1].status.value == "TERMINATED"
+                       and checker.changes[-1].execution_id == root, TIMEOUT, "the checked feed's end")
+            check_feed(checker.changes, observer, root)
+            assert not checker.early, f"delivered before their commit: {checker.early[:3]}"
             observer.close()
         assert host.wait(timeout=TIMEOUT) == 3
     finally:
