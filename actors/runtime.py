@@ -291,11 +291,15 @@ class Runtime:
         return self._watching.watch(execution_id, target)
 
     def unwatch(self, watch: Watch) -> None:
-        """End a watch; nothing more is delivered to its target after this returns (but one in hand)."""
+        """End a watch: after this returns nothing more reaches its target (but a change being delivered)."""
         self._watching.unwatch(watch)
 
     def changes(self, execution_id: str, timeout: float = 60.0) -> Iterator[StatusChanged]:
-        """The same feed as an iterator; it ends after the execution's end (TimeoutError after ``timeout`` s)."""
+        """The same feed as an iterator, ending with the execution's end; TimeoutError after ``timeout`` s.
+
+        A non-cascading stop lets children run on after their parent ended:
+        the feed then ends once they have ended too.
+        """
         return self._watching.changes(execution_id, timeout)
 
     # -- stopping -------------------------------------------------------------------

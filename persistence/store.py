@@ -325,8 +325,8 @@ class Store:
         lost = self.lost_runtimes()
         if not lost:
             return ()
-        # In a transaction of its own on PostgreSQL: it may wait on a lost
-        # runtime's lock, and no other write should wait with it.
+        # In a transaction of its own on PostgreSQL: it neither holds up the
+        # actors' writes nor waits behind them.
         (ended,) = self.write(RecoverLostRuntimes(runtimes=tuple(lost), at=utcnow()), independent=True)
         if ended:
             logger.warning("recovered %d executions of lost runtimes %s", len(ended),
@@ -359,13 +359,6 @@ class Store:
         """A stored version's (graph id, canonical JSON definition)."""
         rows = self._read("SELECT graph_id, definition FROM graph_version WHERE version = ?", [version])
         return (rows[0][0], rows[0][1]) if rows else None
-
-    @_translated
-    def latest_graph_version(self, graph_id: str) -> str | None:
-        """The version of ``graph_id`` stored last, if any."""
-        rows = self._read("SELECT version FROM graph_version WHERE graph_id = ? ORDER BY created_at DESC, version"
-                          " LIMIT 1", [graph_id])
-        return rows[0][0] if rows else None
 
     def _record(self, row: tuple) -> ExecutionRecord:
         (id_, graph_id, user_id, status, parent_id, created, started, ended,
