@@ -31,6 +31,10 @@ logger = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.2   # on SQLite, and PostgreSQL's fallback when a notice is missed
 NOTICE_POLL = 1.0     # on PostgreSQL, with NOTIFY on
+# At most one look per this interval: every status change in the database
+# NOTIFYs, and a busy database would otherwise have us re-read the watched
+# trees hundreds of times a second. It bounds the added latency too.
+MIN_LOOK_INTERVAL = 0.05
 
 Target = pykka.ActorRef | Callable[[StatusChanged], Any]
 _RANK = {ExecutionStatus.QUEUED: 0, ExecutionStatus.RUNNING: 1}
@@ -124,6 +128,7 @@ class WatchHub:
 
     def _loop(self) -> None:
         while not self._closed.is_set():
+            looked = time.monotonic()
             with self._lock:
                 watches = list(self._watches)
             for watch in watches:
@@ -138,6 +143,7 @@ class WatchHub:
                     self.unwatch(watch)
                     if watch.on_done is not None:
                         watch.on_done()
+            self._closed.wait(max(0.0, looked + MIN_LOOK_INTERVAL - time.monotonic()))
             self._notices.wait(self._interval)
 
     def _look(self, watch: Watch) -> None:

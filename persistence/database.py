@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import time
 from typing import Any
 from urllib.parse import urlparse
 
@@ -17,6 +18,7 @@ import psycopg2
 from playhouse.pool import PooledPostgresqlDatabase, PooledSqliteDatabase
 
 from persistence.errors import DatabaseError
+from persistence.outage import Backoff
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +62,13 @@ TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57")
 # A lock held longer than that is an outage like a server away: the writer
 # retries (see is_transient), so the timeout only bounds one attempt.
 SQLITE_BUSY_MS = 5_000
+# The busy timeout comes first: switching a new file to WAL needs its lock,
+# and without a busy handler a second process opening the same new database
+# at the same moment would fail at once with "database is locked".
 SQLITE_PRAGMAS = (
+    ("busy_timeout", SQLITE_BUSY_MS),
     ("journal_mode", "wal"),
     ("foreign_keys", 1),
-    ("busy_timeout", SQLITE_BUSY_MS),
     ("synchronous", "normal"),
 )
 
@@ -126,11 +131,33 @@ def open_database(url: str | None = None) -> SqliteDatabase | PostgresqlDatabase
             f"unsupported database URL {url!r}: use sqlite:///file.db or postgresql://user@host:port/db"
         )
     try:
-        database.connect(reuse_if_open=True)
-        database.close()
+        _first_connect(database)
     except peewee.PeeweeException as exc:
         raise DatabaseError(f"cannot open database {redact(url)}: {first_line(exc)}") from exc
     return database
+
+
+def _first_connect(database: SqliteDatabase | PostgresqlDatabase) -> None:
+    """Connect once; on SQLite, wait (up to the busy timeout) while another process holds the lock.
+
+    Switching a new file to WAL takes its exclusive lock, and SQLite answers
+    "database is locked" at once, without its busy handler, when waiting
+    could deadlock (this connection already reads, another one writes): two
+    processes opening one new database at the same moment meet exactly that.
+    """
+    give_up = time.monotonic() + SQLITE_BUSY_MS / 1000
+    backoff = Backoff()
+    while True:
+        try:
+            database.connect(reuse_if_open=True)
+            database.close()
+            return
+        except peewee.OperationalError as exc:
+            if not isinstance(database, SqliteDatabase) or not is_transient(exc) or time.monotonic() >= give_up:
+                raise
+            if not database.is_closed():
+                database.manual_close()
+            time.sleep(backoff.next_delay())
 
 
 def _sqlite(url: str) -> SqliteDatabase:

@@ -564,3 +564,32 @@ def test_an_outage_logs_a_few_warnings_not_one_per_poll(pg_cluster, fault_db, ru
     assert_subtree_terminated(observer, root, TREE_SIZE)
     close_bounded(rt, CLOSE_WITHIN)
     assert_nothing_active(observer)
+
+
+def test_a_new_sqlite_database_locked_by_another_process_is_waited_for(tmp_path, runtimes, lock_holder):
+    """Two processes opening one new SQLite file at once: the second waits for the lock, it does not fail.
+
+    Switching a new file to WAL needs its lock; the busy timeout must already
+    be set then (it once came after, and the second process failed at once
+    with "database is locked").
+    """
+    path = tmp_path / "actorgraph.db"
+    holder = lock_holder(path)
+    holder.acquire()
+    outcome: dict[str, Any] = {}
+
+    def open_runtime() -> None:
+        try:
+            outcome["runtime"] = runtimes(f"sqlite:///{path}", GRAPHS)
+        except Exception as exc:  # noqa: BLE001 - the assertion below reports it
+            outcome["error"] = exc
+
+    opener = threading.Thread(target=open_runtime, daemon=True)
+    opener.start()
+    assert_stays(lambda: not outcome, 1.0, "the runtime waiting for the lock")
+    holder.release()
+    opener.join(SQLITE_BUSY_TIMEOUT + 10.0)
+    assert "error" not in outcome, f"opening failed: {outcome.get('error')}"
+    assert "runtime" in outcome, "the runtime did not open after the lock was released"
+    root = outcome["runtime"].start("finishing", user_id=USER)
+    assert outcome["runtime"].wait(root, timeout=30.0).status.value == "COMPLETED"
