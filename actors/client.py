@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import builtins
 import os
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 from actors.catalog import Catalog
-from actors.messages import StatusChanged, Stop, StopAck
+from actors.messages import Stop, StopAck
 from actors.reader import Reader
-from actors.watch import Target, Watch, Watching
+from actors.views import ExecutionViews
+from actors.watch import Watching
 from actors.remote import check_wait_timeout, owned_record, stop_elsewhere
 from actors.submit import submit_root
-from persistence import ExecutionRecord, ExecutionStatus, Store
+from persistence import Store
 
 
-class Client:
-    """Submits, stops and reads executions on one database; hosts nothing.
+class Client(ExecutionViews):
+    """Submits, stops, reads and watches executions on one database; hosts nothing.
 
     Raises DatabaseError if the database cannot be opened or migrated.
     """
@@ -67,41 +68,3 @@ class Client:
         record = owned_record(self._store, execution_id, user_id)
         return stop_elsewhere(self._store, record, Stop(user_id=user_id, cascade=cascade, reason=reason,
                                                         wait_timeout=float(wait_timeout)))
-
-    # -- watching ------------------------------------------------------------------------
-
-    def watch(self, execution_id: str, target: Target) -> Watch:
-        """Send ``target`` a StatusChanged for every committed status change of the execution and its subtree.
-
-        ``target`` is a pykka ActorRef (told each change) or a callable (called
-        on the watch thread; keep it short). The changes of each execution
-        come in order (QUEUED, RUNNING, then its end), never before their
-        commit, and the watched execution's end comes last; an execution
-        already terminal gets its history at once. Works for executions
-        hosted by any process. A watcher actor that is dead is dropped.
-        Raises NotFound for an unknown execution.
-        """
-        return self._watching.watch(execution_id, target)
-
-    def unwatch(self, watch: Watch) -> None:
-        """End a watch: after this returns nothing more reaches its target (but a change being delivered)."""
-        self._watching.unwatch(watch)
-
-    def changes(self, execution_id: str, timeout: float = 60.0) -> Iterator[StatusChanged]:
-        """The same feed as an iterator, ending with the execution's end; TimeoutError after ``timeout`` s.
-
-        A non-cascading stop lets children run on after their parent ended:
-        the feed then ends once they have ended too.
-        """
-        return self._watching.changes(execution_id, timeout)
-
-    def get(self, execution_id: str, user_id: str | None = None) -> ExecutionRecord:
-        return self._reader.get(execution_id, user_id)
-
-    def tree(self, execution_id: str, user_id: str | None = None) -> dict[str, Any]:
-        return self._reader.tree(execution_id, user_id)
-
-    def list(self, user_id: str | None = None, status: ExecutionStatus | str | None = None,
-             limit: int = 50, roots_only: bool = False) -> builtins.list[ExecutionRecord]:
-        """Executions (with ``roots_only``, root executions: runs), newest first."""
-        return self._reader.list(user_id, status, limit, roots_only)

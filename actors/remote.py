@@ -142,10 +142,7 @@ class StopWatcher:
 
     def close(self) -> None:
         self._closed.set()
-        self._notices.close()
-        self._thread.join(10)
-        if not self._thread.is_alive():
-            self._notices.dispose()
+        self._notices.shut_down(self._thread)
 
     def _loop(self) -> None:
         next_heartbeat = 0.0

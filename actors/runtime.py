@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Callable, Iterator, Literal, Mapping, overload
+from typing import Any, Callable, Literal, Mapping, overload
 
 import pykka
 
@@ -23,9 +23,10 @@ from actors.errors import InvalidInput, StopTimeout
 from actors.execution import ExecutionActor
 from actors.host import Ended, Host, LiveActors
 from actors.logs import Identity
-from actors.messages import Begin, Halt, StatusChanged, Stop, StopAck
+from actors.messages import Begin, Halt, Stop, StopAck
 from actors.reader import Reader
-from actors.watch import Target, Watch, Watching
+from actors.views import ExecutionViews
+from actors.watch import Watching
 from actors.remote import StopWatcher, check_wait_timeout, owned_record, stop_elsewhere
 from actors.submit import submit_root
 from actors.worker import Claimer
@@ -74,7 +75,7 @@ DATABASE_PATIENCE = 2.0
 SWITCH_INTERVAL = 0.05
 
 
-class Runtime:
+class Runtime(ExecutionViews):
     """Hosts graph executions as pykka actors on one database.
 
     Args:
@@ -251,56 +252,12 @@ class Runtime:
             else:
                 time.sleep(min(WAIT_POLL, remaining))
 
-    def get(self, execution_id: str, user_id: str | None = None) -> ExecutionRecord:
-        """The committed record; NotFound if missing or (with ``user_id``) another user's."""
-        return self._reader.get(execution_id, user_id)
-
-    def children(self, execution_id: str, user_id: str | None = None) -> list[ExecutionRecord]:
-        """The execution's direct children, oldest first."""
-        return self._reader.children(execution_id, user_id)
-
-    def tree(self, execution_id: str, user_id: str | None = None) -> dict[str, Any]:
-        """Nested dicts {"id", "graph_id", "status", "parent_id", "children"} read in one query."""
-        return self._reader.tree(execution_id, user_id)
-
-    def list(self, user_id: str | None = None, status: ExecutionStatus | str | None = None,
-             limit: int = 50, roots_only: bool = False) -> list[ExecutionRecord]:
-        """Executions (with ``roots_only``, root executions: runs), newest first."""
-        return self._reader.list(user_id, status, limit, roots_only)
-
     def actor(self, execution_id: str) -> pykka.ActorRef:
         """The live actor of an execution hosted by this runtime."""
         ref = self._host.live.get(execution_id)
         if ref is None:
             raise NotFound(f"execution {execution_id!r} has no live actor in this runtime")
         return ref
-
-    # -- watching ------------------------------------------------------------------------
-
-    def watch(self, execution_id: str, target: Target) -> Watch:
-        """Send ``target`` a StatusChanged for every committed status change of the execution and its subtree.
-
-        ``target`` is a pykka ActorRef (told each change) or a callable (called
-        on the watch thread; keep it short). The changes of each execution
-        come in order (QUEUED, RUNNING, then its end), never before their
-        commit, and the watched execution's end comes last; an execution
-        already terminal gets its history at once. Works for executions
-        hosted by any process. A watcher actor that is dead is dropped.
-        Raises NotFound for an unknown execution.
-        """
-        return self._watching.watch(execution_id, target)
-
-    def unwatch(self, watch: Watch) -> None:
-        """End a watch: after this returns nothing more reaches its target (but a change being delivered)."""
-        self._watching.unwatch(watch)
-
-    def changes(self, execution_id: str, timeout: float = 60.0) -> Iterator[StatusChanged]:
-        """The same feed as an iterator, ending with the execution's end; TimeoutError after ``timeout`` s.
-
-        A non-cascading stop lets children run on after their parent ended:
-        the feed then ends once they have ended too.
-        """
-        return self._watching.changes(execution_id, timeout)
 
     # -- stopping -------------------------------------------------------------------
 

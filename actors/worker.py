@@ -79,10 +79,7 @@ class Claimer:
     def close(self) -> None:
         self._claiming.clear()
         self._closed.set()
-        self._notices.close()
-        self._thread.join(10)
-        if not self._thread.is_alive():
-            self._notices.dispose()
+        self._notices.shut_down(self._thread)
 
     def _loop(self) -> None:
         next_recovery = next_refresh = 0.0

@@ -119,6 +119,17 @@ class Notices:
         self.wake()
         self._drop()
 
+    def shut_down(self, waiter: threading.Thread, timeout: float = 10.0) -> None:
+        """Close, wait for ``waiter`` (the thread that waits on these notices), then release the pipe.
+
+        The pipe is released only if ``waiter`` exited: a thread still in
+        ``wait`` must not find its descriptors closed under it.
+        """
+        self.close()
+        waiter.join(timeout)
+        if not waiter.is_alive():
+            self.dispose()
+
     def dispose(self) -> None:
         """After close, once no thread waits any more: release the wake pipe."""
         for fd in (self._wake_read, self._wake_write):
