@@ -39,7 +39,7 @@ class GraphExecution(_Model):
     error = peewee.TextField(null=True)
     # Added in schema version 2 (see schema.py): which runtime hosts the row,
     # whether its pending stop cascades, and whether the stop had to force it.
-    runtime_id = peewee.CharField(null=True, index=True)
+    runtime_id = peewee.CharField(null=True)
     stop_cascade = peewee.BooleanField(default=True)
     stop_forced = peewee.BooleanField(default=False)
     # Added in schema version 3: the stored graph version (graph_version.version) it runs.
@@ -47,7 +47,10 @@ class GraphExecution(_Model):
 
     class Meta:
         table_name = "graph_execution"
-        indexes = ((("status", "created_at"), False),)
+        # (runtime_id, status): a runtime's active rows without reading its
+        # finished ones, which a long-lived worker gathers by the million
+        # (schema version 4; see schema.py).
+        indexes = ((("status", "created_at"), False), (("runtime_id", "status"), False))
 
 
 class NodeExecution(_Model):

@@ -7,6 +7,10 @@ Version 2: the runtime registry (table ``runtime``) and the columns that let
 Version 3: stored graph versions (table ``graph_version``) and the version
            each execution runs (``graph_execution.graph_version``): what lets
            a worker run exactly the graph that was submitted.
+Version 4: the index on ``runtime_id`` becomes one on ``(runtime_id, status)``.
+           The stop watcher asks ten times a second for its runtime's active
+           rows with a stop request; with ``runtime_id`` alone SQLite read
+           every row the runtime ever hosted (15 ms per poll at 100,000).
 """
 from __future__ import annotations
 
@@ -21,7 +25,11 @@ from persistence.models import MODELS, GraphVersionRow, RuntimeRow, SchemaVersio
 
 logger = logging.getLogger(__name__)
 
-LATEST_VERSION = 3
+LATEST_VERSION = 4
+
+# The name peewee gives the (runtime_id, status) index of models.py, which
+# the migration to version 4 creates under the same name.
+RUNTIME_STATUS_INDEX = "graph_execution_runtime_id_status"
 
 # bind_ctx rebinds the model classes for the whole process: one at a time.
 _BIND_LOCK = threading.Lock()
@@ -48,7 +56,13 @@ def _to_version_3(database: peewee.Database) -> None:
     database.create_tables([GraphVersionRow])
 
 
-MIGRATIONS: dict[int, Callable[[peewee.Database], None]] = {2: _to_version_2, 3: _to_version_3}
+def _to_version_4(database: peewee.Database) -> None:
+    database.execute_sql("DROP INDEX IF EXISTS graph_execution_runtime_id")
+    database.execute_sql(f"CREATE INDEX {RUNTIME_STATUS_INDEX} ON graph_execution (runtime_id, status)")
+
+
+MIGRATIONS: dict[int, Callable[[peewee.Database], None]] = {
+    2: _to_version_2, 3: _to_version_3, 4: _to_version_4}
 
 
 def current_version(database: peewee.Database) -> int:

@@ -34,6 +34,17 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _ACTIVE = tuple(sorted(s.value for s in ACTIVE))
+
+# The stop watcher's poll, ten times a second: its runtime's active rows with
+# a stop request (the index on (runtime_id, status) finds them without
+# reading the rows it finished), the top of each stopped subtree only.
+PENDING_STOPS_SQL = (
+    "SELECT g.id, g.user_id, g.stop_cascade, g.stop_reason FROM graph_execution g"
+    " LEFT JOIN graph_execution p ON p.id = g.parent_id"
+    f" WHERE g.runtime_id = ? AND g.stop_requested_at IS NOT NULL AND g.status IN ({marks(_ACTIVE)})"
+    f" AND NOT (p.id IS NOT NULL AND p.stop_requested_at IS NOT NULL AND p.stop_cascade = ?"
+    f" AND p.status IN ({marks(_ACTIVE)})) ORDER BY g.depth"
+)
 _RECORD_COLUMNS = (
     "id, graph_id, user_id, status, parent_id, created_at, started_at, ended_at,"
     " inputs, outputs, error, stop_reason"
@@ -266,14 +277,7 @@ class Store:
         Only the top of each stopped subtree: a descendant whose parent carries
         a pending cascading request is reached by that parent's cascade.
         """
-        rows = self._read(
-            "SELECT g.id, g.user_id, g.stop_cascade, g.stop_reason FROM graph_execution g"
-            " LEFT JOIN graph_execution p ON p.id = g.parent_id"
-            f" WHERE g.runtime_id = ? AND g.stop_requested_at IS NOT NULL AND g.status IN ({marks(_ACTIVE)})"
-            f" AND NOT (p.id IS NOT NULL AND p.stop_requested_at IS NOT NULL AND p.stop_cascade = ?"
-            f" AND p.status IN ({marks(_ACTIVE)})) ORDER BY g.depth",
-            [runtime_id, *_ACTIVE, True, *_ACTIVE],
-        )
+        rows = self._read(PENDING_STOPS_SQL, [runtime_id, *_ACTIVE, True, *_ACTIVE])
         return [(row[0], row[1], bool(row[2]), row[3]) for row in rows]
 
     @_translated

@@ -280,6 +280,9 @@ class RequestStop(Operation):
     reason: str
     cascade: bool
     at: dt.datetime
+    # The runtime that asks, when it hosts the execution itself: its actor is
+    # already stopping, so its own stop channel is not woken for it.
+    by_host: str | None = None
 
     def run(self, sql: Dialect) -> tuple[str, ...]:
         rows = sql.fetchall(
@@ -288,7 +291,7 @@ class RequestStop(Operation):
             f" WHERE id = ? AND status IN ({marks(_ACTIVE)}) RETURNING id, runtime_id",
             [sql.time(self.at), self.reason, self.cascade, self.execution_id, *_ACTIVE],
         )
-        if not sql.is_sqlite and rows and rows[0][1] is not None:
+        if not sql.is_sqlite and rows and rows[0][1] not in (None, self.by_host):
             # Delivered at commit to the hosting runtime alone (its own channel):
             # it reacts at once, and no other runtime wakes for it.
             sql.execute("SELECT pg_notify(?, ?)", [stop_channel(rows[0][1]), self.execution_id])

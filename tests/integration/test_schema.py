@@ -36,6 +36,19 @@ def indexed_columns(observer, table: str) -> set[str]:
     return {r["indexdef"].split("(", 1)[1].split(")")[0].split(",")[0].strip().strip('"') for r in rows}
 
 
+def index_columns(observer, table: str) -> set[tuple[str, ...]]:
+    """The column lists of the indexes of ``table``, each in index order."""
+    if observer.is_sqlite:
+        found = set()
+        for index in observer.query(f"PRAGMA index_list({table})"):
+            info = observer.query(f"PRAGMA index_info('{index['name']}')")
+            found.add(tuple(r["name"] for r in sorted(info, key=lambda r: r["seqno"])))
+        return found
+    rows = observer.query("SELECT indexdef FROM pg_indexes WHERE tablename = ?", (table,))
+    return {tuple(c.strip().strip('"') for c in r["indexdef"].rsplit("(", 1)[1].rstrip(")").split(","))
+            for r in rows}
+
+
 def test_tables_columns_and_indexes(runtime_factory, observer):
     runtime_factory()
 
@@ -44,8 +57,26 @@ def test_tables_columns_and_indexes(runtime_factory, observer):
     assert columns(observer, "runtime") >= {"id", "host", "pid", "started_at", "heartbeat_at"}
     assert columns(observer, "schema_version") >= {"version"}
     assert "parent_id" in indexed_columns(observer, "graph_execution")
+    assert ("runtime_id", "status") in index_columns(observer, "graph_execution")
     versions = [r["version"] for r in observer.query("SELECT version FROM schema_version")]
     assert max(versions) == persistence.LATEST_VERSION
+
+
+def test_the_stop_watchers_poll_reads_only_active_rows_through_the_runtime_status_index(tmp_path):
+    """Ten polls a second must not read every row a long-lived runtime ever finished."""
+    from persistence.store import PENDING_STOPS_SQL
+
+    url = f"sqlite:///{tmp_path / 'poll.db'}"
+    Runtime(database=url).close()
+    observer = Observer(url)
+    try:
+        plan = observer.query(f"EXPLAIN QUERY PLAN {PENDING_STOPS_SQL}",
+                              ("runtime", "QUEUED", "RUNNING", True, "QUEUED", "RUNNING"))
+        details = [row["detail"] for row in plan]
+        outer = next(d for d in details if d.startswith("SEARCH g ") or d.startswith("SCAN g"))
+        assert "graph_execution_runtime_id_status (runtime_id=? AND status=?)" in outer, details
+    finally:
+        observer.close()
 
 
 def test_status_check_rejects_unknown_strings(runtime_factory, observer):
@@ -142,6 +173,8 @@ def test_a_version_1_database_is_migrated_when_a_runtime_opens_it(database_url, 
     assert columns(observer, "runtime") >= {"id", "host", "pid", "started_at", "heartbeat_at"}
     versions = [r["version"] for r in observer.query("SELECT version FROM schema_version")]
     assert max(versions) == persistence.LATEST_VERSION
+    indexes = index_columns(observer, "graph_execution")
+    assert ("runtime_id", "status") in indexes and ("runtime_id",) not in indexes
     # The old rows survive and read as before.
     record = rt.get(old, user_id=USER)
     assert record.status is ExecutionStatus.COMPLETED and record.outputs == {"answer": 1}

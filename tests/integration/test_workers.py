@@ -237,6 +237,41 @@ def test_a_client_stops_a_tree_on_whichever_worker_runs_it(pg_url, make):
     observer.close()
 
 
+def test_only_a_stop_from_elsewhere_wakes_the_hosting_runtimes_stop_channel(pg_url, make):
+    """A runtime stopping what it hosts does not NOTIFY itself; a Client's stop does, once."""
+    import psycopg2
+
+    from persistence.notifications import stop_channel
+
+    rt = make("runtime")
+    rt.load(g.graphs(nap=g.sleeper()))
+    local, remote = rt.start("nap", user_id="u"), rt.start("nap", user_id="u")
+    observer = Observer(pg_url)
+    wait_until(lambda: {observer.status(local), observer.status(remote)} == {"RUNNING"}, TIMEOUT, "both running")
+    listener = psycopg2.connect(pg_url)
+    listener.autocommit = True
+    try:
+        listener.cursor().execute(f"LISTEN {stop_channel(rt.runtime_id)}")
+        rt.stop(local, user_id="u", wait_timeout=5)
+        make("client").stop(remote, user_id="u", wait_timeout=5)
+        # NOTIFYs arrive in commit order: the local stop committed first, so
+        # had it notified, its payload would come before the remote one's.
+        payloads: list[str] = []
+
+        def remote_notice_arrived() -> bool:
+            listener.poll()
+            payloads.extend(n.payload for n in listener.notifies)
+            listener.notifies.clear()
+            return remote in payloads
+
+        wait_until(remote_notice_arrived, TIMEOUT, "the remote stop's notice")
+        assert payloads == [remote]
+        assert observer.status(local) == observer.status(remote) == "TERMINATED"
+    finally:
+        listener.close()
+        observer.close()
+
+
 def test_drain_lets_running_trees_finish_then_stops_the_rest(pg_url, make):
     gates = Gates()
     client = make("client")
