@@ -60,6 +60,9 @@ class PooledFloorStop:
 class PooledFloorNode(PooledActor):
     """The same cascade on the runtime's actor type: tell every child, count their replies."""
 
+    # As the runtime's execution actors: not in pykka's registry (see PooledActor).
+    in_pykka_registry = False
+
     def __init__(self, dispatcher: Dispatcher, children: list[pykka.ActorRef]) -> None:
         super().__init__(dispatcher)
         self._children = children

@@ -121,6 +121,28 @@ def test_stop_unregisters_runs_on_stop_and_answers_what_was_still_queued(dispatc
         ref.tell("after the stop")
 
 
+class Unregistered(Recorder):
+    in_pykka_registry = False
+
+    def on_stop(self) -> None:
+        self.shared.append("stopped")
+
+
+def test_an_actor_type_outside_pykkas_registry_keeps_the_actor_contract(dispatcher):
+    shared: list[Any] = []
+    ref = Unregistered.start(dispatcher, shared)
+    try:
+        assert ref not in pykka.ActorRegistry.get_all()
+        assert ref.ask("hello", timeout=WAIT) == ("echo", "hello")
+        assert ref.proxy().events.get(timeout=WAIT) == ["started", "hello"]
+    finally:
+        ref.stop(block=True, timeout=WAIT)
+    assert ref.actor_stopped.is_set()
+    assert shared == ["hello", "stopped"]
+    with pytest.raises(pykka.ActorDeadError):
+        ref.tell("after the stop")
+
+
 def test_a_message_that_slips_in_after_the_stop_is_answered_not_lost(dispatcher):
     ref = Recorder.start(dispatcher)
     ref.stop(block=True, timeout=WAIT)
