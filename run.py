@@ -55,36 +55,29 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
-def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+def _number(kind: Callable[[str], Any], accepts: Callable[[Any], bool], *, noun: str,
+            requirement: str) -> Callable[[str], Any]:
+    """An argparse type: ``kind(text)``, refused in one line unless it parses and ``accepts`` it."""
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if not accepts(value):
+            raise argparse.ArgumentTypeError(f"{text!r} {requirement}")
         return value
     return parse
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)")
-    return value
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    return _number(kind, lambda value: value > 0, noun=f"a valid {kind.__name__}",
+                   requirement="must be greater than 0")
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a valid float") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a number of seconds >= 0")
-    return value
+_port = _number(int, lambda value: 0 <= value <= 65535, noun="a port number",
+                requirement="is not a port number (0-65535)")
+_non_negative_float = _number(float, lambda value: 0 <= value < float("inf"), noun="a valid float",
+                              requirement="must be a number of seconds >= 0")
 
 
 def _color_option(parser: argparse.ArgumentParser) -> None:
