@@ -6,6 +6,7 @@ locally with a clear reason when no server answers, and fail under CI=true.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Iterator
 
@@ -40,17 +41,24 @@ def postgres_url() -> Iterator[str]:
     Created from POSTGRES_URL's server and dropped at the end, so that two
     test runs on one server never see each other's rows.
     """
-    admin = _admin_connection(POSTGRES_URL)
-    name = f"actorgraph_test_{os.getpid()}"
-    with admin.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        cur.execute(f"CREATE DATABASE {name}")
-    base = POSTGRES_URL.rsplit("/", 1)[0]
+    with database_of_its_own(f"actorgraph_test_{os.getpid()}") as url:
+        yield url
+
+
+@contextlib.contextmanager
+def database_of_its_own(name: str) -> Iterator[str]:
+    """Create database ``name`` on POSTGRES_URL's server, yield its URL, drop it (WITH FORCE) after."""
+    admin = _admin_connection(POSTGRES_URL)  # skips locally, fails under CI=true
     try:
-        yield f"{base}/{name}"
-    finally:
         with admin.cursor() as cur:
             cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            cur.execute(f"CREATE DATABASE {name}")
+        try:
+            yield f"{POSTGRES_URL.rsplit('/', 1)[0]}/{name}"
+        finally:
+            with admin.cursor() as cur:
+                cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
         admin.close()
 
 

@@ -220,7 +220,7 @@ def wait_status(observer: Any, execution_id: str, *statuses: str, timeout: float
 class Gates:
     """A user block ``hold(key)`` that waits until the test opens gate ``key`` or its execution stops.
 
-    Register it with ``rt.register_block("hold", gates.block, inputs=("key",), outputs=("value",))``.
+    Register it with ``gates.register(rt)`` (a Runtime or a Client), or pass ``gates.spec``.
     It outputs ``"released"`` or ``"stopped"``; ``started`` lists the keys it ran for.
     """
 
@@ -257,6 +257,11 @@ class Gates:
     def spec(self) -> tuple:
         """``(fn, inputs, outputs)`` for the runtime_factory's ``blocks=``."""
         return (self.block, ("key",), ("value",))
+
+    def register(self, target: Any) -> None:
+        """Register the ``hold`` block on ``target``, a Runtime or a Client."""
+        fn, inputs, outputs = self.spec
+        target.register_block("hold", fn, inputs=inputs, outputs=outputs)
 
 
 class Recorder:

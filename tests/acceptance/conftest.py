@@ -16,7 +16,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import pytest
 
@@ -175,14 +175,19 @@ class CliProcess:
         )
 
     def terminate_now(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-        try:
-            self.popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-        for thread in self._threads:
-            thread.join(timeout=5)
+        kill_and_reap(self.popen, self._threads)
+
+
+def kill_and_reap(popen: subprocess.Popen, readers: Iterable[threading.Thread]) -> None:
+    """Kill ``popen`` if it still runs, wait for it, then for the threads reading its output (all bounded)."""
+    if popen.poll() is None:
+        popen.kill()
+    try:
+        popen.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    for thread in readers:
+        thread.join(timeout=5)
 
 
 class Cli:

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.acceptance.conftest import GRAPHS, RUN_PY, CliProcess
+from tests.acceptance.conftest import GRAPHS, RUN_PY, CliProcess, kill_and_reap
 from tests.acceptance.support import is_uuid, start_tree
 from tests.helpers import as_datetime, wait_until
 from tests.integration.graphs import leaf
@@ -338,13 +338,7 @@ class PtyProcess:
         return code
 
     def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-        try:
-            self.popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-        self._reader.join(5)
+        kill_and_reap(self.popen, [self._reader])
         if self.popen.stderr:
             self.popen.stderr.close()
 

@@ -39,7 +39,7 @@ from tests.acceptance.workers_support import (
     submitted_ids,
     tree_snapshot,
 )
-from tests.conftest import POSTGRES_URL, _admin_connection
+from tests.conftest import database_of_its_own
 from tests.helpers import Observer, as_datetime, database_snapshot, wait_until
 from tests.integration.fault_fixtures import fault_db, pg_cluster, proxy, scene  # noqa: F401
 
@@ -59,16 +59,8 @@ assert FIFO_SLACK < NAP_SECONDS
 @pytest.fixture
 def worker_db() -> Iterator[str]:
     """A database of this test's own on the local PostgreSQL, dropped WITH (FORCE) after."""
-    admin = _admin_connection(POSTGRES_URL)  # skips locally, fails under CI=true
-    name = f"workers_{uuid.uuid4().hex[:12]}"
-    with admin.cursor() as cur:
-        cur.execute(f"CREATE DATABASE {name}")
-    try:
-        yield f"{POSTGRES_URL.rsplit('/', 1)[0]}/{name}"
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.close()
+    with database_of_its_own(f"workers_{uuid.uuid4().hex[:12]}") as url:
+        yield url
 
 
 @pytest.fixture

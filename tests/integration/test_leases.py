@@ -37,11 +37,11 @@ def _partition_and_return(pg_cluster, fault_db, proxy, scene, observe, caplog, g
     direct = pg_cluster.url(fault_db)
     client = Client(direct)
     scene.runtimes.append(client)
-    client.register_block("hold", gates.block, inputs=("key",), outputs=("value",))
+    gates.register(client)
     client.load(g.graphs(held=g.held(), parent=g.parent(a=("held", {"key": "a"}), b=("held", {"key": "b"}))))
     cut_off = Runtime(proxy.url_for(fault_db), worker=True)
     scene.runtimes.append(cut_off)
-    cut_off.register_block("hold", gates.block, inputs=("key",), outputs=("value",))
+    gates.register(cut_off)
     # The recoverer has no `hold` block: it never claims this graph itself.
     recoverer = Runtime(direct, worker=True)
     scene.runtimes.append(recoverer)

@@ -122,7 +122,7 @@ def test_a_worker_runs_the_version_that_was_submitted(pg_url, make):
 def test_a_worker_without_the_block_never_claims_the_graph(pg_url, make):
     gates = Gates()
     client = make("client")
-    client.register_block("hold", gates.block, inputs=("key",), outputs=("value",))
+    gates.register(client)
     client.load(g.graphs(held=g.held()))
     root = client.submit("held", user_id="u", inputs={"key": "k"})
     plain = make("worker")
@@ -130,7 +130,7 @@ def test_a_worker_without_the_block_never_claims_the_graph(pg_url, make):
     # Two claim rounds at least (the poll is 1 s; the submit's NOTIFY came first).
     assert_stays(lambda: observer.status(root) == "QUEUED", 2.5, "the root unclaimed by a worker without `hold`")
     able = make("worker")
-    able.register_block("hold", gates.block, inputs=("key",), outputs=("value",))
+    gates.register(able)
     wait_until(lambda: observer.execution(root)["runtime_id"] == able.runtime_id, TIMEOUT, "the able worker")
     gates.open("k")
     wait_until(lambda: observer.status(root) == "COMPLETED", TIMEOUT, "the root to complete")
@@ -142,11 +142,11 @@ def test_a_worker_without_the_block_never_claims_the_graph(pg_url, make):
 def test_concurrency_bounds_the_roots_running_on_a_worker(pg_url, make):
     gates = Gates()
     client = make("client")
-    client.register_block("hold", gates.block, inputs=("key",), outputs=("value",))
+    gates.register(client)
     client.load(g.graphs(held=g.held()))
     roots = [client.submit("held", user_id="u", inputs={"key": f"k{i}"}) for i in range(5)]
     worker = make("worker", concurrency=2)
-    worker.register_block("hold", gates.block, inputs=("key",), outputs=("value",))
+    gates.register(worker)
     observer = Observer(pg_url)
 
     def running() -> int:
@@ -163,13 +163,13 @@ def test_concurrency_bounds_the_roots_running_on_a_worker(pg_url, make):
 def test_global_limits_hold_across_workers_and_start_fifo(pg_url, make):
     gates = Gates()
     client = make("client")
-    client.register_block("hold", gates.block, inputs=("key",), outputs=("value",))
+    gates.register(client)
     client.load(g.graphs(held=g.held()))
     roots = [client.submit("held", user_id="alice", inputs={"key": f"a{i}"}) for i in range(6)]
     other = client.submit("held", user_id="bob", inputs={"key": "b0"})
     workers = [make("worker", concurrency=4, max_running_per_user=2) for _ in range(2)]
     for worker in workers:
-        worker.register_block("hold", gates.block, inputs=("key",), outputs=("value",))
+        gates.register(worker)
     observer = Observer(pg_url)
     seen: list[int] = []
     done = threading.Event()
@@ -275,10 +275,10 @@ def test_only_a_stop_from_elsewhere_wakes_the_hosting_runtimes_stop_channel(pg_u
 def test_drain_lets_running_trees_finish_then_stops_the_rest(pg_url, make):
     gates = Gates()
     client = make("client")
-    client.register_block("hold", gates.block, inputs=("key",), outputs=("value",))
+    gates.register(client)
     client.load(g.graphs(held=g.held(), nap=g.sleeper()))
     worker = make("worker")
-    worker.register_block("hold", gates.block, inputs=("key",), outputs=("value",))
+    gates.register(worker)
     finishing = client.submit("held", user_id="u", inputs={"key": "f"})
     sleeping = client.submit("nap", user_id="u")
     observer = Observer(pg_url)
