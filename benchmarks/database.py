@@ -1,8 +1,9 @@
 """The benchmark's own database connections, never the runtime's.
 
 Everything here goes through a plain peewee ``Database`` opened from the URL
-(``playhouse.db_url.connect``) with SQL against the fixed table
-``graph_execution(id, parent_id, status, ended_at)``. On PostgreSQL the
+(``playhouse.db_url.connect``) with SQL against the fixed tables
+``graph_execution(id, parent_id, status, ended_at)`` and
+``node_execution(graph_execution_id, status, ended_at)``. On PostgreSQL the
 benchmark's connections carry the application name ``actorgraph-bench`` so
 that the runtime's own connections can be counted apart from them.
 """
@@ -118,13 +119,29 @@ class Observer:
                     f"tree {root_id}: {counts} after {timeout:.0f}s, expected {expected} RUNNING")
             time.sleep(max(POLL_INTERVAL_SECONDS, 2 * (time.monotonic() - looked)))
 
-    def reset_to_running(self, root_id: str) -> int:
-        """Set every row under ``root_id`` back to RUNNING in one UPDATE; return the row count."""
-        cursor = self._db.execute_sql(
-            "UPDATE graph_execution SET status = 'RUNNING', ended_at = NULL"
-            f" WHERE id IN {self._subtree_ids}",
-            (root_id,),
-        )
+    def subtree(self, root_id: str) -> list[str]:
+        """The ids of every execution under (and including) ``root_id``."""
+        cursor = self._db.execute_sql(f"SELECT id FROM graph_execution WHERE id IN {self._subtree_ids}",
+                                      (root_id,))
+        return [execution_id for (execution_id,) in cursor.fetchall()]
+
+    def reset_to_running(self, root_id: str, nodes: bool = False) -> int:
+        """Set every row under ``root_id`` back to RUNNING in one UPDATE; return the row count.
+
+        With ``nodes``, their TERMINATED nodes too (those a stop ended), first.
+        """
+        with self._db.atomic():
+            if nodes:
+                self._db.execute_sql(
+                    "UPDATE node_execution SET status = 'RUNNING', ended_at = NULL"
+                    f" WHERE status = 'TERMINATED' AND graph_execution_id IN {self._subtree_ids}",
+                    (root_id,),
+                )
+            cursor = self._db.execute_sql(
+                "UPDATE graph_execution SET status = 'RUNNING', ended_at = NULL"
+                f" WHERE id IN {self._subtree_ids}",
+                (root_id,),
+            )
         return cursor.rowcount
 
     def server_version(self) -> str:

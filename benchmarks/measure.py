@@ -41,7 +41,9 @@ class Figure:
     repetition. ``floor`` is plain pykka (ThreadingActor) at the interpreter's
     default GIL switch interval, as the runtime runs; ``floor_50ms`` the same
     with the interval raised to 50 ms, which plain pykka needs for large
-    trees; ``pooled_floor`` is the runtime's own actor type without a database.
+    trees; ``pooled_floor`` is the runtime's own actor type without a database;
+    ``write_floor`` the runtime's stop statements for the same rows without
+    actors (see write_floor.py).
 
     Attributes:
         database: "sqlite" or "postgresql".
@@ -68,6 +70,7 @@ class Figure:
     floor: list[float] = field(default_factory=list)
     floor_50ms: list[float] = field(default_factory=list)
     pooled_floor: list[float] = field(default_factory=list)
+    write_floor: list[float] = field(default_factory=list)
     reference: list[float] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
@@ -115,6 +118,7 @@ class Figure:
             "runtime": summary(self.runtime), "floor": summary(self.floor),
             "floor_50ms": summary(self.floor_50ms),
             "pooled_floor": summary(self.pooled_floor),
+            "write_floor": summary(self.write_floor),
             "ratio_to_pooled_floor": persistence.to_json() if persistence else None,
             "reference": summary(self.reference),
             "ratio_to_floor": ratios.to_json() if ratios else None,

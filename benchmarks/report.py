@@ -13,7 +13,7 @@ from typing import Any, Sequence
 from benchmarks.measure import Figure, Summary
 
 _HEADERS = ("db", "figure", "n", "runtime min/med/max", "floor min/med/max", "floor@50ms med",
-            "ratio min/med/max", "pooled floor med", "vs pooled med", "reference med",
+            "ratio min/med/max", "pooled floor med", "vs pooled med", "write floor med", "reference med",
             "speedup min/med/max", "target", "")
 
 
@@ -53,6 +53,7 @@ def format_header(machine: dict[str, Any], plan_description: str) -> str:
             "durations in ms; rates in executions per second; ratio = runtime/floor (plain pykka"
             " ThreadingActor, at the default GIL switch interval;\nfloor@50ms: the same at 50 ms, and"
             " the ratio's base where the floor column is '-'),\nvs pooled = runtime/pooled floor (the runtime's actor type, no database),"
+            "\nwrite floor = the runtime's stop statements for the same rows, one transaction, no actors;"
             " speedup = reference/runtime; all per repetition")
 
 
@@ -69,6 +70,7 @@ def _row(figure: Figure) -> tuple[str, ...]:
     reference = Summary.of(figure.reference)
     pooled, persistence = Summary.of(figure.pooled_floor), figure.persistence_ratios()
     floor_50 = Summary.of(figure.floor_50ms)
+    write = Summary.of(figure.write_floor)
     return (
         figure.database, figure.name, str(figure.executions),
         _triple(Summary.of(figure.runtime), scale, digits),
@@ -77,6 +79,7 @@ def _row(figure: Figure) -> tuple[str, ...]:
         _triple(figure.ratios(), 1.0, 2, "x"),
         f"{pooled.median * scale:.{digits}f}" if pooled else "-",
         f"{persistence.median:.2f}x" if persistence else "-",
+        f"{write.median * scale:.{digits}f}" if write else "-",
         f"{reference.median * scale:.{digits}f}" if reference else "-",
         _triple(figure.speedups(), 1.0, 1, "x"),
         figure.target or "-",

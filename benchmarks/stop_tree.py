@@ -8,7 +8,10 @@ shape, in a fresh database, every repetition runs in this order:
 2. the runtime: the tree is built through the public API (``rt.load``,
    ``rt.start``), waited for until every row is RUNNING, and ``rt.stop(root)``
    is timed until it returns;
-3. the reference: the same rows are set back to RUNNING with one UPDATE, and
+3. the write floor: the rows and the nodes the stop ended are set back to
+   RUNNING, and the runtime's own stop statements are timed on them, one
+   transaction, no actors (``write_floor.py``);
+4. the reference: the same rows are set back to RUNNING with one UPDATE, and
    the recursive asyncio stop is timed on them.
 
 Before each timed section the garbage of earlier sections is collected
@@ -44,6 +47,7 @@ from benchmarks.measure import Figure, proc_status_kib
 from benchmarks.reference import Reference
 from benchmarks.report import format_header, format_table, machine_info, write_json
 from benchmarks.shapes import ONE_NODE_GRAPH, Shape, chain, flat, one_node_graph_document, tree
+from benchmarks.write_floor import WriteFloor
 
 USER_ID = "bench"
 STOP_WAIT_TIMEOUT_SECONDS = 60.0
@@ -132,8 +136,8 @@ class ConnectionTally:
     runtime_stats: dict[str, Any] = field(default_factory=dict)
     largest_tree: int = 0
 
-    def sample(self, observer: Observer, reference: Reference | None, tree_size: int) -> None:
-        bench_connections = reference.open_connections if reference else 0
+    def sample(self, observer: Observer, bench_connections: int, tree_size: int) -> None:
+        """Count the runtime's connections: all of the process's, less the observer's and ``bench_connections``."""
         self.open_samples.append(observer.runtime_connections(bench_connections))
         self.largest_tree = max(self.largest_tree, tree_size)
 
@@ -221,9 +225,9 @@ def run_stop_figure(backend: Backend, shape: Shape, plan: Plan, tally: Connectio
     try:
         url = backend.fresh_url(shape.key)
         with open_runtime(url, shape.depth) as rt, Observer(url) as observer, \
-                Reference(url) as reference:
+                Reference(url) as reference, WriteFloor(url) as write_floor:
             rt.load(shape.graph_document())
-            bench = StopBench(rt, observer, reference, shape, figure, tally)
+            bench = StopBench(rt, observer, reference, write_floor, shape, figure, tally)
             for rep in range(plan.warmups + plan.reps):
                 _progress(backend, figure, rep, plan)
                 if rep == 0 and measure_memory:
@@ -232,16 +236,17 @@ def run_stop_figure(backend: Backend, shape: Shape, plan: Plan, tally: Connectio
                     # tree is gone, so that the two never live side by side.
                     root, memory = bench.build_measuring_memory()
                     figures.append(memory)
-                    bench.stop_both(root)
+                    bench.stop_all(root)
                     with switch_interval(FLOOR_SWITCH_INTERVAL):
                         time_floor_stop(shape)
                     continue
-                floor_s, floor_50_s, pooled_s, runtime_s, reference_s = bench.repetition()
+                floor_s, floor_50_s, pooled_s, write_s, runtime_s, reference_s = bench.repetition()
                 if rep >= plan.warmups:
                     if floor_s is not None:
                         figure.floor.append(floor_s)
                     figure.floor_50ms.append(floor_50_s)
                     figure.pooled_floor.append(pooled_s)
+                    figure.write_floor.append(write_s)
                     figure.runtime.append(runtime_s)
                     figure.reference.append(reference_s)
             if reference.errors:
@@ -271,12 +276,16 @@ class StopBench:
     rt: Any
     observer: Observer
     reference: Reference
+    write_floor: WriteFloor
     shape: Shape
     figure: Figure
     tally: ConnectionTally
 
-    def repetition(self) -> tuple[float | None, float, float, float, float]:
-        """Floor (default switch interval, then 50 ms), pooled floor, runtime, then reference; seconds."""
+    def repetition(self) -> tuple[float | None, float, float, float, float, float]:
+        """Floor (default switch interval, then 50 ms), pooled floor, write floor, runtime, reference; seconds.
+
+        The write floor runs after the runtime (on the rows its stop ended), but is returned before it.
+        """
         floor_s = None
         if self.shape.count <= DEFAULT_INTERVAL_FLOOR_MAX:
             floor_s = time_floor_stop(self.shape)
@@ -292,8 +301,8 @@ class StopBench:
         finally:
             dispatcher.close()
         root = build_runtime_tree(self.rt, self.observer, self.shape)
-        runtime_s, reference_s = self.stop_both(root)
-        return floor_s, floor_50_s, pooled_s, runtime_s, reference_s
+        runtime_s, write_s, reference_s = self.stop_all(root)
+        return floor_s, floor_50_s, pooled_s, write_s, runtime_s, reference_s
 
     def build_measuring_memory(self) -> tuple[str, Figure]:
         """Build the tree and measure the resident memory it added, per execution."""
@@ -303,20 +312,34 @@ class StopBench:
         running = proc_status_kib("VmRSS")
         return root, memory_figure(self.figure.database, self.shape.count, before, running)
 
-    def stop_both(self, root: str) -> tuple[float, float]:
-        """Time the runtime's stop of ``root``, reset its rows, time the reference on them."""
+    def stop_all(self, root: str) -> tuple[float, float, float]:
+        """Time the runtime's stop of ``root``; reset its rows and time the write floor, then the reference, on them."""
         shape, figure = self.shape, self.figure
-        self.tally.sample(self.observer, self.reference, shape.count)
+        self.tally.sample(self.observer, self._bench_connections(), shape.count)
         runtime_s = time_runtime_stop(self.rt, root, shape, figure)
-        self.tally.sample(self.observer, self.reference, shape.count)
+        self.tally.sample(self.observer, self._bench_connections(), shape.count)
         check_all(self.observer, root, "TERMINATED", shape.count, figure, "after rt.stop")
-        reset = self.observer.reset_to_running(root)
-        if reset != shape.count:
-            _note_once(figure, "check reset", f"{reset} rows reset, expected {shape.count}")
+        self._reset(root, nodes=True)
+        ids = self.observer.subtree(root)
+        gc.collect()
+        write_s, moved = self.write_floor.time_stop(ids)
+        if moved != shape.count:
+            _note_once(figure, "check write floor", f"{moved} rows moved, expected {shape.count}")
+        check_all(self.observer, root, "TERMINATED", shape.count, figure, "after the write floor")
+        self._reset(root)
         gc.collect()
         reference_s = self.reference.time_stop(root)
         check_all(self.observer, root, "TERMINATED", shape.count, figure, "after reference")
-        return runtime_s, reference_s
+        return runtime_s, write_s, reference_s
+
+    def _bench_connections(self) -> int:
+        """The benchmark's connections besides the observer's: the reference's and the write floor's."""
+        return self.reference.open_connections + self.write_floor.open_connections
+
+    def _reset(self, root: str, nodes: bool = False) -> None:
+        reset = self.observer.reset_to_running(root, nodes=nodes)
+        if reset != self.shape.count:
+            _note_once(self.figure, "check reset", f"{reset} rows reset, expected {self.shape.count}")
 
 
 def memory_figure(database: str, executions: int, before_kib: int, running_kib: int) -> Figure:
@@ -353,7 +376,7 @@ def run_throughput_figures(backend: Backend, plan: Plan, tally: ConnectionTally)
                     _progress(backend, figure, rep, plan)
                     floor_rate = bare_start_stop_rate(roots)
                     runtime_rate = runtime_completion_rate(rt, roots, figure, pool)
-                    tally.sample(observer, None, 1)
+                    tally.sample(observer, 0, 1)
                     if rep >= plan.warmups:
                         figure.floor.append(floor_rate)
                         figure.runtime.append(runtime_rate)
