@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import threading
 from typing import Any, Callable, Mapping
 
 from actors.errors import InvalidGraph
+from actors.flag import Flag
 
 
 class BlockKind(enum.Enum):
@@ -46,10 +46,12 @@ class BlockContext:
 
     Attributes:
         execution_id, user_id, node_id: where the block runs.
-        stop_event: set when the execution stops; long work should check it.
+        stop_event: set when the execution stops; long work should check it
+            (``is_set()``) or wait on it (``wait(timeout)``), as on a
+            ``threading.Event``.
     """
 
-    def __init__(self, execution_id: str, user_id: str, node_id: str, stop_event: threading.Event) -> None:
+    def __init__(self, execution_id: str, user_id: str, node_id: str, stop_event: Flag) -> None:
         self.execution_id = execution_id
         self.user_id = user_id
         self.node_id = node_id

@@ -32,6 +32,8 @@ from typing import Any, ClassVar, Self
 import pykka
 from pykka import messages as pykka_messages
 
+from actors.flag import Flag
+
 logger = logging.getLogger(__name__)
 
 # How many messages one actor handles before the next runnable actor gets a
@@ -107,6 +109,8 @@ class Mailbox:
         self._scheduled = False
         self._closed = False
         self._actor: PooledActor | None = None
+        # For refusals after the close, which lets go of the actor.
+        self._ref: pykka.ActorRef | None = None
         self._dispatcher: Dispatcher | None = None
 
     # -- pykka's ActorInbox protocol ----------------------------------------
@@ -120,7 +124,7 @@ class Mailbox:
                     return
                 self._scheduled = True
         if closed:
-            _refuse(envelope, self._actor)
+            _refuse(envelope, self._ref)
             return
         self._dispatcher.schedule(self)  # type: ignore[union-attr]
 
@@ -137,6 +141,7 @@ class Mailbox:
         """Bind the mailbox to its actor and schedule the first turn (``on_start``)."""
         with self._lock:
             self._actor = actor
+            self._ref = actor.actor_ref
             self._dispatcher = dispatcher
             self._scheduled = True
         dispatcher.schedule(self)
@@ -168,22 +173,31 @@ class Mailbox:
             return self._queue[0] if peek else self._queue.popleft()
 
     def _close(self) -> None:
-        """The actor stopped: answer everything left, and refuse what comes later."""
+        """The actor stopped: answer everything left, and refuse what comes later.
+
+        The mailbox then lets go of its actor. An actor and its mailbox refer
+        to each other, a cycle that reference counting never frees: without
+        this, every stopped actor, with everything it held, would wait for
+        the garbage collector's cycle detection instead of going at once.
+        A stop of 1,365 executions left about 24,000 such objects for the
+        collector, and its full passes walk every object alive.
+        """
         with self._lock:
             self._closed = True
             left, self._queue = list(self._queue), collections.deque()
+            self._actor = None
         for envelope in left:
-            _refuse(envelope, self._actor)
+            _refuse(envelope, self._ref)
 
 
-def _refuse(envelope: Any, actor: "PooledActor | None") -> None:
+def _refuse(envelope: Any, ref: pykka.ActorRef | None) -> None:
     """Answer a message its stopped actor will never handle, as pykka's teardown does."""
     if envelope.reply_to is None:
         return
     if isinstance(envelope.message, pykka_messages._ActorStop):  # noqa: SLF001
         envelope.reply_to.set(None)
         return
-    error = pykka.ActorDeadError(f"{actor.actor_ref if actor else 'actor'} stopped before handling the message")
+    error = pykka.ActorDeadError(f"{ref or 'actor'} stopped before handling the message")
     envelope.reply_to.set_exception(exc_info=(pykka.ActorDeadError, error, None))
 
 
@@ -204,6 +218,11 @@ class PooledActor(pykka.Actor):
 
     def __init__(self, dispatcher: Dispatcher) -> None:
         super().__init__()
+        # A Flag for pykka's Event (see flag.py): the same API, one object
+        # for the garbage collector instead of six. The ActorRef holds it
+        # too, so it is made again with it.
+        self.actor_stopped = Flag()  # type: ignore[assignment]
+        self._actor_ref = pykka.ActorRef(self)
         self._dispatcher_ = dispatcher
         self._started = False
 

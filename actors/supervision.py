@@ -43,7 +43,16 @@ class FinalWrite:
 
 
 class Ending:
-    """One execution's way to its final status, with its children and nodes."""
+    """One execution's way to its final status, with its children and nodes.
+
+    Its sets of ids are dicts (``dict[str, None]``): an ending lives from
+    the stop until the final commit, so everything it holds survives the
+    young collections of the garbage collector and counts towards the next
+    full one, which walks every live object. A dict that holds only
+    strings is not tracked by the collector; a set always is, even empty.
+    A leaf's ending is then one tracked object instead of ten (an
+    11,111-execution stop ran two full collections of about 0.4 s each).
+    """
 
     def __init__(self, execution_id: str, *, status: ExecutionStatus, reason: str,
                  deadline: float, error: str | None = None, cascade: bool = True) -> None:
@@ -54,55 +63,63 @@ class Ending:
         self.error = error
         # False for a stop that does not cascade: started children run on.
         self.cascade = cascade
-        # Resolved with the StopAck once the final write committed and every
-        # child whose write ours followed has told us its ack; only if a
-        # Stop was asked of this execution (``asked``): a cascade's children
-        # answer their parent with an AckTree instead.
-        self.result: Promise[StopAck] = Promise()
+        # The StopAck's promise, made only if a Stop is asked of this
+        # execution (``asked``; see ``result``): a cascade's children answer
+        # their parent with an AckTree instead.
+        self._result: Promise[StopAck] | None = None
         self.asked = False
         self.acknowledged = False
-        self.pending_nodes: set[str] = set()
-        self.pending_children: set[str] = set()
-        self._child_writes: list[Promise[Any]] = []
-        self._awaited_acks: set[str] = set()
-        self._acks: list[AckTree] = []
-        self._already_final: list[str] = []
-        self._forced_nodes: set[str] = set()
+        self.pending_nodes: dict[str, None] = {}
+        self.pending_children: dict[str, None] = {}
+        # Child id -> its queued final write (ours follows it), then -> its ack.
+        self._child_writes: dict[str, Promise[Any]] = {}
+        self._awaited_acks: dict[str, None] = {}
+        self._acks: dict[str, AckTree] = {}
+        self._already_final: dict[str, None] = {}
+        self._forced_nodes: dict[str, None] = {}
         self._forced_children: tuple[str, ...] = ()
         self.submitted = False
         self._results: tuple[Any, ...] | None = None
         # The armed timer (a TimerHandle), so that a tighter deadline can replace it.
         self.timer: Any = None
 
+    @property
+    def result(self) -> Promise[StopAck]:
+        """Resolved with the StopAck once the final write committed and every
+        child whose write ours followed has told us its ack."""
+        if self._result is None:
+            self._result = Promise()
+        return self._result
+
     # -- what is pending -----------------------------------------------------
 
     def wait_for(self, running_nodes: Iterable[str], live_children: Iterable[str]) -> None:
-        self.pending_nodes.update(running_nodes)
-        self.pending_children.update(live_children)
+        self.pending_nodes.update(dict.fromkeys(running_nodes))
+        self.pending_children.update(dict.fromkeys(live_children))
 
     def child_already_final(self, child_id: str) -> None:
-        self._already_final.append(child_id)
+        self._already_final[child_id] = None
 
     def child_write_queued(self, child_id: str, write: Promise[Any]) -> None:
         """The child's final write is queued: ours may follow it; we still want its ack."""
         if self.submitted or child_id in self._awaited_acks:
             return
-        self.pending_children.discard(child_id)
-        self._child_writes.append(write)
-        self._awaited_acks.add(child_id)
+        self.pending_children.pop(child_id, None)
+        self._child_writes[child_id] = write
+        self._awaited_acks[child_id] = None
 
     def child_ended(self, message: ChildEnded) -> None:
-        self.pending_children.discard(message.child_id)
-        self._awaited_acks.discard(message.child_id)
-        self._acks.append(message.ack)
+        self.pending_children.pop(message.child_id, None)
+        self._awaited_acks.pop(message.child_id, None)
+        self._acks[message.child_id] = message.ack
 
     def child_gone(self, child_id: str) -> None:
         """A child that will never report (its row was never written, or it runs on)."""
-        self.pending_children.discard(child_id)
-        self._awaited_acks.discard(child_id)
+        self.pending_children.pop(child_id, None)
+        self._awaited_acks.pop(child_id, None)
 
     def node_ended(self, node_id: str) -> None:
-        self.pending_nodes.discard(node_id)
+        self.pending_nodes.pop(node_id, None)
 
     def ready_to_submit(self) -> bool:
         return not self.submitted and not self.pending_nodes and not self.pending_children
@@ -111,14 +128,14 @@ class Ending:
 
     def force_nodes(self) -> None:
         """At the deadline: own work still running is terminated anyway (listed in ``forced``)."""
-        self._forced_nodes |= self.pending_nodes
+        self._forced_nodes.update(self.pending_nodes)
         self.pending_nodes.clear()
 
     def force_children(self) -> None:
         """After the grace: children still silent get their whole subtree written by us."""
         self._forced_children = tuple(self.pending_children)
         for child_id in self._forced_children:
-            self._awaited_acks.discard(child_id)
+            self._awaited_acks.pop(child_id, None)
         self.pending_children.clear()
 
     # -- the final write -----------------------------------------------------
@@ -139,7 +156,7 @@ class Ending:
             ids=(self.execution_id,), target=self.status, at=now, error=self.error,
             stop_reason=self.reason if self.status is ExecutionStatus.TERMINATED else None,
             stop_forced=forced))
-        return FinalWrite(ops=tuple(ops), after=tuple(self._child_writes))
+        return FinalWrite(ops=tuple(ops), after=tuple(self._child_writes.values()))
 
     def committed(self, results: tuple[Any, ...]) -> None:
         self._results = results
@@ -161,7 +178,7 @@ class Ending:
             own = (self.execution_id,)
             return AckTree(terminated=own + forced_moved, already_final=tuple(self._already_final),
                            forced=(own if self._forced_nodes else ()) + forced_moved,
-                           children=tuple(self._acks))
+                           children=tuple(self._acks.values()))
         # Ended otherwise: FAILED by a failure this stop met, or already terminal.
         return AckTree(terminated=forced_moved, already_final=(self.execution_id, *self._already_final),
-                       forced=forced_moved, children=tuple(self._acks))
+                       forced=forced_moved, children=tuple(self._acks.values()))

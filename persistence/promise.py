@@ -3,9 +3,13 @@
 ``concurrent.futures.Future`` builds a Condition for every instance; a stop
 of a thousand executions makes thousands of these, and almost nobody ever
 blocks on them. A Promise makes its Event only when someone does block, and
-otherwise costs a lock and a list. It offers the subset of the Future API
-that actorgraph uses: ``done``, ``result``, ``exception``, ``set_result``,
-``set_exception`` and ``add_done_callback``.
+a list of callbacks only when a second one is added; its lock is one of a shared
+few. Every write of a stop has a promise that lives until the commit, long
+enough to survive the garbage collector's young collections and count
+towards its full ones: a promise is one object the collector tracks, not
+three. It offers the subset of the Future API that actorgraph uses:
+``done``, ``result``, ``exception``, ``set_result``, ``set_exception`` and
+``add_done_callback``.
 """
 from __future__ import annotations
 
@@ -19,15 +23,24 @@ T = TypeVar("T")
 
 _PENDING = object()
 
+# Promises share these locks, picked by identity: each critical section is a
+# few field reads and writes, so two promises rarely want the same one.
+_LOCKS = tuple(threading.Lock() for _ in range(64))
+
+
+def _lock_of(promise: object) -> threading.Lock:
+    # Objects are 16-byte aligned: the address's low bits are always zero.
+    return _LOCKS[(id(promise) >> 4) % len(_LOCKS)]
+
 
 class Promise(Generic[T]):
-    __slots__ = ("_lock", "_value", "_error", "_callbacks", "_event")
+    __slots__ = ("_value", "_error", "_callbacks", "_event")
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._value: Any = _PENDING
         self._error: BaseException | None = None
-        self._callbacks: list[Callable[["Promise[T]"], Any]] = []
+        # None, the one callback, or a list of them (most promises get one).
+        self._callbacks: Callable[["Promise[T]"], Any] | list[Callable[["Promise[T]"], Any]] | None = None
         self._event: threading.Event | None = None
 
     @classmethod
@@ -46,25 +59,33 @@ class Promise(Generic[T]):
         self._settle(None, error)
 
     def _settle(self, value: Any, error: BaseException | None) -> None:
-        with self._lock:
+        with _lock_of(self):
             if self.done():
                 raise RuntimeError("promise already settled")
             if error is not None:
                 self._error = error
             else:
                 self._value = value
-            callbacks, self._callbacks = self._callbacks, []
+            callbacks, self._callbacks = self._callbacks, None
             event = self._event
         if event is not None:
             event.set()
-        for callback in callbacks:
-            self._run(callback)
+        if isinstance(callbacks, list):
+            for callback in callbacks:
+                self._run(callback)
+        elif callbacks is not None:
+            self._run(callbacks)
 
     def add_done_callback(self, callback: Callable[["Promise[T]"], Any]) -> None:
         """Run ``callback(self)`` once settled: at once, here, if it already is."""
-        with self._lock:
+        with _lock_of(self):
             if not self.done():
-                self._callbacks.append(callback)
+                if self._callbacks is None:
+                    self._callbacks = callback
+                elif isinstance(self._callbacks, list):
+                    self._callbacks.append(callback)
+                else:
+                    self._callbacks = [self._callbacks, callback]
                 return
         self._run(callback)
 
@@ -75,7 +96,7 @@ class Promise(Generic[T]):
             logger.exception("promise callback failed")
 
     def _wait(self, timeout: float | None) -> None:
-        with self._lock:
+        with _lock_of(self):
             if self.done():
                 return
             if self._event is None:

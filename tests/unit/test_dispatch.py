@@ -5,13 +5,16 @@ threads, ``_stop_all`` stops any actor left), and every wait is bounded.
 """
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 from typing import Any, Iterator
 
 import pykka
 import pytest
 
 from actors.dispatch import TURN_MESSAGES, Dispatcher, PooledActor
+from tests.helpers import wait_until
 
 WAIT = 10.0
 
@@ -139,6 +142,35 @@ def test_an_actor_type_outside_pykkas_registry_keeps_the_actor_contract(dispatch
         ref.stop(block=True, timeout=WAIT)
     assert ref.actor_stopped.is_set()
     assert shared == ["hello", "stopped"]
+    with pytest.raises(pykka.ActorDeadError):
+        ref.tell("after the stop")
+
+
+class Traced(PooledActor):
+    """Hands out a weak reference to itself, to see when it is freed."""
+
+    in_pykka_registry = False
+
+    def __init__(self, dispatcher: Dispatcher, traces: list[weakref.ref[PooledActor]]) -> None:
+        super().__init__(dispatcher)
+        traces.append(weakref.ref(self))
+
+    def on_receive(self, message: Any) -> Any:
+        return message
+
+
+def test_a_stopped_actor_is_freed_at_once_not_left_to_the_cycle_collector(dispatcher):
+    traces: list[weakref.ref[PooledActor]] = []
+    ref = Traced.start(dispatcher, traces)
+    assert ref.ask("hello", timeout=WAIT) == "hello"
+    gc.disable()  # only reference counting frees it now
+    try:
+        ref.stop(block=True, timeout=WAIT)
+        # The caller keeps its ActorRef (and through it the mailbox), as a
+        # parent execution keeps its children's.
+        wait_until(lambda: traces[0]() is None, WAIT, "the stopped actor to be freed")
+    finally:
+        gc.enable()
     with pytest.raises(pykka.ActorDeadError):
         ref.tell("after the stop")
 
