@@ -101,7 +101,47 @@ class SqliteDatabase(PooledSqliteDatabase, _CountingSqlite):
 
 
 class PostgresqlDatabase(PooledPostgresqlDatabase, _CountingPostgresql):
+    """PostgreSQL, whose transactions send their BEGIN with their first statement.
+
+    peewee sends ``BEGIN`` on its own, then each statement, then ``COMMIT``:
+    a round trip each. Here ``begin`` only notes the BEGIN, and the
+    transaction's first statement carries it (``BEGIN; <statement>``, one
+    round trip; the driver returns the statement's result). A transaction
+    whose BEGIN was never sent has nothing to commit or roll back. The note
+    names the connection it was made on, so that it can never reach
+    another one (a connection that broke and was replaced).
+    """
+
     dialect = "postgresql"
+
+    def begin(self, isolation_level: Any = None) -> None:
+        level = isolation_level if isolation_level is not None else self._isolation_level
+        statement = "BEGIN"
+        if level:
+            statement = f"BEGIN TRANSACTION ISOLATION LEVEL {self._adapter.isolation_level_str(level)}"
+        self._state.deferred_begin = (self._state.conn, statement)
+
+    def execute_sql(self, sql: str, params: Any = None) -> Any:
+        begin = self._take_deferred_begin()
+        if begin is not None:
+            sql = f"{begin}; {sql}"
+        return super().execute_sql(sql, params)
+
+    def commit(self) -> None:
+        if self._take_deferred_begin() is None:
+            super().commit()
+
+    def rollback(self) -> None:
+        if self._take_deferred_begin() is None:
+            super().rollback()
+
+    def _take_deferred_begin(self) -> str | None:
+        deferred = getattr(self._state, "deferred_begin", None)
+        if deferred is None:
+            return None
+        self._state.deferred_begin = None
+        connection, statement = deferred
+        return statement if connection is self._state.conn else None
 
 
 # What open_database returns: a pooled peewee database of either kind.
