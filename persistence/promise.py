@@ -96,6 +96,8 @@ class Promise(Generic[T]):
             logger.exception("promise callback failed")
 
     def _wait(self, timeout: float | None) -> None:
+        if self.done():
+            return  # settled for good: no lock needed to read it
         with _lock_of(self):
             if self.done():
                 return
