@@ -119,29 +119,33 @@ class PostgresqlDatabase(PooledPostgresqlDatabase, _CountingPostgresql):
         statement = "BEGIN"
         if level:
             statement = f"BEGIN TRANSACTION ISOLATION LEVEL {self._adapter.isolation_level_str(level)}"
+        if self.is_closed():
+            # As peewee's own BEGIN would (through cursor()): the transaction
+            # starts on a connection, and its first statement must find it.
+            if not self.autoconnect:
+                raise peewee.InterfaceError("Error, database connection not opened.")
+            self.connect()
         self._state.deferred_begin = (self._state.conn, statement)
 
     def execute_sql(self, sql: str, params: Any = None) -> Any:
-        begin = self._take_deferred_begin()
-        if begin is not None:
-            sql = f"{begin}; {sql}"
+        deferred = self._pop_deferred_begin()
+        if deferred is not None and deferred[0] is self._state.conn:
+            sql = f"{deferred[1]}; {sql}"
         return super().execute_sql(sql, params)
 
     def commit(self) -> None:
-        if self._take_deferred_begin() is None:
+        if self._pop_deferred_begin() is None:
             super().commit()
 
     def rollback(self) -> None:
-        if self._take_deferred_begin() is None:
+        if self._pop_deferred_begin() is None:
             super().rollback()
 
-    def _take_deferred_begin(self) -> str | None:
-        deferred = getattr(self._state, "deferred_begin", None)
-        if deferred is None:
-            return None
+    def _pop_deferred_begin(self) -> tuple[Any, str] | None:
+        """The BEGIN not sent yet, with the connection it was made on (None if it was sent)."""
+        deferred: tuple[Any, str] | None = getattr(self._state, "deferred_begin", None)
         self._state.deferred_begin = None
-        connection, statement = deferred
-        return statement if connection is self._state.conn else None
+        return deferred
 
 
 # What open_database returns: a pooled peewee database of either kind.

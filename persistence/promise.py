@@ -2,12 +2,12 @@
 
 ``concurrent.futures.Future`` builds a Condition for every instance; a stop
 of a thousand executions makes thousands of these, and almost nobody ever
-blocks on them. A Promise makes its Event only when someone does block, and
-a list of callbacks only when a second one is added; its lock is one of a shared
-few. Every write of a stop has a promise that lives until the commit, long
-enough to survive the garbage collector's young collections and count
-towards its full ones: a promise is one object the collector tracks, not
-three. It offers the subset of the Future API that actorgraph uses:
+blocks on them. A Promise makes its Event only when someone does block,
+and a list of callbacks only when a second one is added; its lock is one of
+a shared few. Every write of a stop has a promise that lives until the
+commit, long enough to survive the garbage collector's young collections and
+count towards its full ones: a promise is one object the collector tracks,
+not three. It offers the subset of the Future API that actorgraph uses:
 ``done``, ``result``, ``exception``, ``set_result``, ``set_exception`` and
 ``add_done_callback``.
 """

@@ -83,3 +83,16 @@ def test_an_empty_transaction_sends_nothing_and_leaves_no_transaction_open(pg_cl
     logged = wait_until(lambda: _statements(pg_cluster, marker), WAIT, "the server to log the statement")
     assert logged == [f"SELECT 1 -- {marker}"]
     assert database.connection().get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+
+
+def test_a_transaction_opened_on_a_closed_connection_is_still_one_transaction(pg_cluster, logged_db):
+    database, name = logged_db
+    database.close()  # the next transaction connects first
+    assert database.is_closed()
+    with pytest.raises(Exception, match="duplicate key"):
+        with database.atomic():
+            database.execute_sql("INSERT INTO probe VALUES (9)")
+            database.execute_sql("INSERT INTO probe VALUES (9)")
+    with psycopg2.connect(pg_cluster.url(name)) as observer, observer.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM probe")
+        assert cursor.fetchone() == (0,)
