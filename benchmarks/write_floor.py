@@ -11,7 +11,8 @@ building the operations is the actors' work, and counts in the runtime's
 figure.
 
 No schedule of actors can end a tree faster than its rows can be written,
-so ``pooled floor + write floor`` bounds what a stop can cost from below.
+nor faster than its messages can travel: the larger of the two floors bounds
+a stop from below, and their sum is what it costs when they never overlap.
 """
 from __future__ import annotations
 
