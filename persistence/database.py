@@ -119,13 +119,9 @@ class PostgresqlDatabase(PooledPostgresqlDatabase, _CountingPostgresql):
         statement = "BEGIN"
         if level:
             statement = f"BEGIN TRANSACTION ISOLATION LEVEL {self._adapter.isolation_level_str(level)}"
-        if self.is_closed():
-            # As peewee's own BEGIN would (through cursor()): the transaction
-            # starts on a connection, and its first statement must find it.
-            if not self.autoconnect:
-                raise peewee.InterfaceError("Error, database connection not opened.")
-            self.connect()
-        self._state.deferred_begin = (self._state.conn, statement)
+        # connection() connects first if need be, as peewee's own BEGIN does:
+        # the transaction's first statement must find the connection it began on.
+        self._state.deferred_begin = (self.connection(), statement)
 
     def execute_sql(self, sql: str, params: Any = None) -> Any:
         deferred = self._pop_deferred_begin()

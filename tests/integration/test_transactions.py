@@ -43,6 +43,21 @@ def _statements(cluster: PostgresCluster, marker: str) -> list[str]:
             if "statement: " in line and marker in line]
 
 
+def _probe_ids(cluster: PostgresCluster, name: str) -> list[int]:
+    """The ids in the probe table, read through a connection of the test's own."""
+    with psycopg2.connect(cluster.url(name)) as observer, observer.cursor() as cursor:
+        cursor.execute("SELECT id FROM probe ORDER BY id")
+        return [probe_id for (probe_id,) in cursor.fetchall()]
+
+
+def _insert_twice_in_one_transaction(database: PostgresqlDatabase, probe_id: int) -> None:
+    """A transaction whose second statement fails (a duplicate key): it must leave nothing."""
+    with pytest.raises(Exception, match="duplicate key"):
+        with database.atomic():
+            database.execute_sql(f"INSERT INTO probe VALUES ({probe_id})")
+            database.execute_sql(f"INSERT INTO probe VALUES ({probe_id})")
+
+
 def test_a_transactions_begin_travels_with_its_first_statement(pg_cluster, logged_db):
     database, _ = logged_db
     marker = f"m{uuid.uuid4().hex[:10]}"
@@ -53,20 +68,13 @@ def test_a_transactions_begin_travels_with_its_first_statement(pg_cluster, logge
                         WAIT, "the server to log both statements")
     assert logged[0].startswith("BEGIN; INSERT INTO probe VALUES (1)")
     assert logged[1].startswith("INSERT INTO probe VALUES (2)")
-    with psycopg2.connect(pg_cluster.url(logged_db[1])) as observer, observer.cursor() as cursor:
-        cursor.execute("SELECT id FROM probe ORDER BY id")
-        assert cursor.fetchall() == [(1,), (2,)]
+    assert _probe_ids(pg_cluster, logged_db[1]) == [1, 2]
 
 
 def test_a_failed_statement_still_rolls_the_whole_transaction_back(pg_cluster, logged_db):
     database, name = logged_db
-    with pytest.raises(Exception, match="duplicate key"):
-        with database.atomic():
-            database.execute_sql("INSERT INTO probe VALUES (7)")
-            database.execute_sql("INSERT INTO probe VALUES (7)")
-    with psycopg2.connect(pg_cluster.url(name)) as observer, observer.cursor() as cursor:
-        cursor.execute("SELECT count(*) FROM probe")
-        assert cursor.fetchone() == (0,)
+    _insert_twice_in_one_transaction(database, 7)
+    assert _probe_ids(pg_cluster, name) == []
     # The connection is usable again, outside and inside a transaction.
     with database.atomic():
         database.execute_sql("INSERT INTO probe VALUES (8)")
@@ -89,10 +97,5 @@ def test_a_transaction_opened_on_a_closed_connection_is_still_one_transaction(pg
     database, name = logged_db
     database.close()  # the next transaction connects first
     assert database.is_closed()
-    with pytest.raises(Exception, match="duplicate key"):
-        with database.atomic():
-            database.execute_sql("INSERT INTO probe VALUES (9)")
-            database.execute_sql("INSERT INTO probe VALUES (9)")
-    with psycopg2.connect(pg_cluster.url(name)) as observer, observer.cursor() as cursor:
-        cursor.execute("SELECT count(*) FROM probe")
-        assert cursor.fetchone() == (0,)
+    _insert_twice_in_one_transaction(database, 9)
+    assert _probe_ids(pg_cluster, name) == []
