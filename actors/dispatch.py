@@ -215,6 +215,10 @@ class PooledActor(pykka.Actor):
     # the 2.1 s stop of an 11,111-execution tree). An actor type that keeps a
     # registry of its own opts out.
     in_pykka_registry: ClassVar[bool] = True
+    # Errors that refuse one message, not the actor: an ask gets the error;
+    # a tell is logged and dropped, and the actor handles its next message.
+    # Any other error in a tell is a failure, and stops the actor (pykka's rule).
+    refusals: ClassVar[tuple[type[Exception], ...]] = ()
 
     def __init__(self, dispatcher: Dispatcher) -> None:
         super().__init__()
@@ -244,6 +248,10 @@ class PooledActor(pykka.Actor):
             self.on_stop()
         except Exception:  # noqa: BLE001 - as pykka: a failing on_stop is reported, the actor still stops
             self._handle_failure(*sys.exc_info())
+
+    def on_refusal(self, message: Any, error: Exception) -> None:
+        """A told message was refused (one of ``refusals``): nobody else hears of it, so log it."""
+        logger.error("%s refused %r: %s", self, message, error)
 
     def stop_in_turn(self) -> None:
         """Stop now, from this actor's own turn, without a stop message.
@@ -276,6 +284,11 @@ class PooledActor(pykka.Actor):
             response = self._handle_receive(envelope.message)
             if envelope.reply_to is not None:
                 envelope.reply_to.set(response)
+        except self.refusals as refusal:
+            if envelope.reply_to is not None:
+                envelope.reply_to.set_exception()
+            else:
+                self.on_refusal(envelope.message, refusal)
         except Exception:
             if envelope.reply_to is not None:
                 logger.info("Exception returned from %s to caller:", self, exc_info=sys.exc_info())

@@ -25,11 +25,13 @@ import uuid
 from typing import Any, Callable, Iterable, Mapping
 
 import pykka
+from pykka import messages as pykka_messages
 
 from actors import blocks as builtin
 from actors.blocks import BlockContext, BlockKind, BlockSpec, NodeError
 from actors.catalog import Bundle
 from actors.deferred import DeferredReplyActor
+from actors.errors import InvalidInput
 from actors.flag import Flag
 from actors.host import Ended, Host
 from actors.logs import ExecutionLog, Identity
@@ -43,14 +45,17 @@ from actors.messages import (
     ChildWriteQueued,
     DeadlinePassed,
     FinalCommitted,
+    ForceSilent,
     Halt,
     NodeFinished,
     Stop,
     StopAck,
     WriteFailed,
+    check_wait_timeout,
 )
-from actors.supervision import CHILD_GRACE, Ending
+from actors.supervision import CHILD_GRACE, CHILD_GRACE_LIMIT, Ending
 from persistence import (
+    ActorGraphError,
     DatabaseError,
     ExecutionStatus,
     InsertExecution,
@@ -106,6 +111,9 @@ class NaturalEnd:
 class ExecutionActor(DeferredReplyActor):
     # Its registry is the runtime's LiveActors (a dict: see PooledActor for why not pykka's).
     in_pykka_registry = False
+    # A message sent through ``rt.actor(id)`` that it cannot take (unknown,
+    # another user's Stop, a bad wait_timeout) is refused; the execution runs on.
+    refusals = (ActorGraphError,)
 
     def __init__(self, host: Host, identity: Identity, inputs: Mapping[str, Any], *, bundle: Bundle,
                  parent_ref: pykka.ActorRef | None, parent_halted: Flag | None,
@@ -148,10 +156,18 @@ class ExecutionActor(DeferredReplyActor):
 
     # -- pykka hooks ------------------------------------------------------
 
+    def _handle_receive(self, message: Any) -> Any:
+        if isinstance(message, pykka_messages._ActorStop):  # noqa: SLF001
+            # pykka's own ``ref.stop()`` stops the execution, as ``rt.stop``
+            # does: its subtree is written TERMINATED before the actor stops.
+            # Stopping the actor alone would leave its rows RUNNING for good.
+            return self._on_stop(Stop(user_id=self.identity.user_id, reason="its actor was stopped"))
+        return super()._handle_receive(message)
+
     def on_receive(self, message: Any) -> Any:
         handler = _HANDLERS.get(type(message))
         if handler is None:
-            raise TypeError(f"execution actor got an unknown message {message!r}")
+            raise InvalidInput(f"execution {self.identity.execution_id} cannot take the message {message!r}")
         try:
             return handler(self, message)
         finally:
@@ -160,6 +176,9 @@ class ExecutionActor(DeferredReplyActor):
     def on_failure(self, *args: Any) -> None:
         self.log.error("actor failed", exc_info=args)
 
+    def on_refusal(self, message: Any, error: Exception) -> None:
+        self.log.error("refused a message: %s", error)
+
     # -- stop ---------------------------------------------------------------
 
     def _on_stop(self, stop: Stop) -> Promise[StopAck]:
@@ -167,6 +186,7 @@ class ExecutionActor(DeferredReplyActor):
             raise PermissionDenied(
                 f"user {stop.user_id!r} may not stop execution {self.identity.execution_id}: "
                 "it belongs to another user")
+        check_wait_timeout(stop.wait_timeout)
         own_id = self.identity.execution_id
         if self.final_status is not None:
             return Promise.resolved(StopAck(execution_id=own_id, already_final=(own_id,)))
@@ -257,7 +277,7 @@ class ExecutionActor(DeferredReplyActor):
         if deadline <= time.monotonic():
             self._force_nodes(ending)
         elif not timed_by_parent:
-            self._arm(ending, deadline, grace=False)
+            self._arm(ending, deadline)
         self._maybe_submit()
         return ending
 
@@ -270,6 +290,9 @@ class ExecutionActor(DeferredReplyActor):
                 ending.wait_for((), (child_id,))
                 self._tell_child(child, CascadeStop(reason=ending.reason, deadline=ending.deadline))
         self.continuing.clear()
+        if ending.deadline <= time.monotonic():
+            # Past the deadline already: these children get the grace too.
+            self._force_nodes(ending)
 
     def _tighten(self, ending: Ending, deadline: float) -> None:
         """Another stop with an earlier deadline: it wins, for this execution and its pending children."""
@@ -283,18 +306,17 @@ class ExecutionActor(DeferredReplyActor):
         if deadline <= time.monotonic():
             self._force_nodes(ending)
         else:
-            self._arm(ending, deadline, grace=False)
+            self._arm(ending, deadline)
         self._maybe_submit()
 
-    def _arm(self, ending: Ending, deadline: float, *, grace: bool) -> None:
-        """Have the timer thread tell us when the deadline (or the grace after it) passes.
+    def _arm(self, ending: Ending, deadline: float, *, grace: float = 0.0) -> None:
+        """Have the timer thread tell us when the deadline (or ``grace`` s after it) passes.
 
         Deeper executions fire first among timers due at the same instant,
         so children force their work before their parents look.
         """
         message = DeadlinePassed(deadline=deadline, grace=grace)
-        when = deadline + CHILD_GRACE if grace else deadline
-        ending.timer = self.host.timers.call_at(when, functools.partial(_tell, self.actor_ref, message),
+        ending.timer = self.host.timers.call_at(deadline + grace, functools.partial(_tell, self.actor_ref, message),
                                                 priority=self.identity.depth)
 
     def _on_deadline(self, message: DeadlinePassed) -> None:
@@ -302,19 +324,49 @@ class ExecutionActor(DeferredReplyActor):
         if ending is None or ending.submitted or message.deadline != ending.deadline:
             return  # stale: a tighter deadline replaced it, or we are done
         if message.grace:
-            self.log.warning("children %s did not end %.1fs after the deadline; writing their subtrees",
-                             sorted(ending.pending_children), CHILD_GRACE)
-            ending.force_children()
+            self._look_at_silent_children(ending, message.grace)
         else:
             self._force_nodes(ending)
         self._maybe_submit()
+
+    def _look_at_silent_children(self, ending: Ending, waited: float) -> None:
+        """``waited`` s after the deadline, some children have not said their write is queued.
+
+        A live child is still working through its subtree (its own children
+        answer it first): it gets twice as long again, up to
+        CHILD_GRACE_LIMIT, after which we write its subtree anyway. A child
+        whose actor stopped will never answer; if it sent ``ChildEnded``
+        just before it stopped, that message is in our mailbox already, so
+        we look again behind it (``ForceSilent``) before writing its subtree.
+        """
+        silent = tuple(ending.pending_children)
+        if waited >= CHILD_GRACE_LIMIT:
+            self.log.warning("children %s did not end %.0fs after the deadline; writing their subtrees",
+                             sorted(silent), waited)
+            ending.force_children(silent)
+            return
+        stopped = tuple(child_id for child_id in silent if not self.children[child_id].ref.is_alive())
+        if stopped:
+            self._tell_self(ForceSilent(deadline=ending.deadline, child_ids=stopped))
+        if len(stopped) < len(silent):
+            self._arm(ending, ending.deadline, grace=min(2 * waited + CHILD_GRACE, CHILD_GRACE_LIMIT))
+
+    def _on_force_silent(self, message: ForceSilent) -> None:
+        ending = self.ending
+        if ending is None or ending.submitted or message.deadline != ending.deadline:
+            return  # a tighter deadline's grace looks again
+        gone = [child_id for child_id in message.child_ids if child_id in ending.pending_children]
+        if gone:
+            self.log.warning("children %s stopped without ending; writing their subtrees", sorted(gone))
+            ending.force_children(gone)
+            self._maybe_submit()
 
     def _force_nodes(self, ending: Ending) -> None:
         """At the deadline: own work still running is terminated anyway; its late results are dropped.
 
         Children still pending hear that the deadline passed from us (those
-        whose deadline came from our cascade armed no timer), and get
-        CHILD_GRACE to write their subtrees before we write them ourselves.
+        whose deadline came from our cascade armed no timer); CHILD_GRACE
+        later we look at those still silent (``_look_at_silent_children``).
         """
         for node_id in ending.pending_nodes:
             state = self.nodes[node_id]
@@ -322,11 +374,17 @@ class ExecutionActor(DeferredReplyActor):
             if state.handle is not None and not isinstance(state.handle, concurrent.futures.Future):
                 state.handle.cancel()
         ending.force_nodes()
-        if ending.pending_children:
+        # Once per deadline: a child forced at its own ``_end`` hears the
+        # same deadline from us again, and must not pass it on again. (It
+        # did: in a chain, depth k heard it k times and armed k grace
+        # timers, so a 600-deep stop with wait_timeout=0 sent 180,000
+        # messages and outlasted the grace.)
+        if ending.pending_children and ending.graced_deadline != ending.deadline:
+            ending.graced_deadline = ending.deadline
             passed = DeadlinePassed(deadline=ending.deadline)
             for child_id in ending.pending_children:
                 self._tell_child(self.children[child_id], passed)
-            self._arm(ending, ending.deadline, grace=True)
+            self._arm(ending, ending.deadline, grace=CHILD_GRACE)
 
     def _interrupt_node(self, node_id: str) -> bool:
         """Stop a running node at once if it can be; True if it is over."""
@@ -643,7 +701,7 @@ class ExecutionActor(DeferredReplyActor):
         if child is None:
             return
         child.ended = True
-        child.ref.stop(block=False)
+        _tell(child.ref, Halt(reason="its row was never written"))
         self.host.live.remove(message.child_id)
         if self.ending is not None:
             self.ending.child_gone(message.child_id)
@@ -765,6 +823,7 @@ _HANDLERS: dict[type, Callable[[ExecutionActor, Any], Any]] = {
     WriteFailed: ExecutionActor._on_write_failed,
     FinalCommitted: ExecutionActor._on_final_committed,
     DeadlinePassed: ExecutionActor._on_deadline,
+    ForceSilent: ExecutionActor._on_force_silent,
     Halt: ExecutionActor._on_halt,
 }
 

@@ -12,6 +12,7 @@ import dataclasses
 import datetime as dt
 from typing import Any
 
+from actors.errors import InvalidInput
 from persistence import ExecutionStatus, Promise
 
 
@@ -33,6 +34,13 @@ class Stop:
     cascade: bool = True
     reason: str = "stopped by user"
     wait_timeout: float = 15.0
+
+
+def check_wait_timeout(wait_timeout: object) -> None:
+    """A number of seconds >= 0 (0: force everything at once), else InvalidInput."""
+    if (not isinstance(wait_timeout, (int, float)) or isinstance(wait_timeout, bool)
+            or not 0 <= wait_timeout < float("inf")):
+        raise InvalidInput(f"wait_timeout must be a number of seconds >= 0, not {wait_timeout!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -205,10 +213,22 @@ class FinalCommitted:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DeadlinePassed:
-    """The timer: the ending's deadline passed (``grace`` says which one)."""
+    """The timer: the ending's deadline passed, or ``grace`` seconds more (see supervision.CHILD_GRACE)."""
 
     deadline: float
-    grace: bool = False
+    grace: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ForceSilent:
+    """To itself: these children's actors stopped without a word; write them if they are still silent.
+
+    Sent behind whatever is in the mailbox, so that a ``ChildEnded`` a child
+    sent just before it stopped is handled first.
+    """
+
+    deadline: float
+    child_ids: tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -14,8 +14,8 @@ import threading
 import time
 from typing import Any, Callable
 
-from actors.errors import InvalidInput, StopTimeout
-from actors.messages import Stop, StopAck
+from actors.errors import StopTimeout
+from actors.messages import Stop, StopAck, check_wait_timeout
 from persistence import (
     DatabaseError,
     ExecutionRecord,
@@ -56,13 +56,6 @@ def stop_execution(database: str | None, execution_id: str, user_id: str, *, cas
                                                   wait_timeout=float(wait_timeout)))
     finally:
         store.close()
-
-
-def check_wait_timeout(wait_timeout: object) -> None:
-    """A number of seconds >= 0 (0: force everything at once), else InvalidInput."""
-    if (not isinstance(wait_timeout, (int, float)) or isinstance(wait_timeout, bool)
-            or not 0 <= wait_timeout < float("inf")):
-        raise InvalidInput(f"wait_timeout must be a number of seconds >= 0, not {wait_timeout!r}")
 
 
 def owned_record(store: Store, execution_id: str, user_id: str) -> ExecutionRecord:

@@ -30,7 +30,7 @@ from actors.watch import Watching
 from actors.remote import StopWatcher, check_wait_timeout, owned_record, stop_elsewhere
 from actors.submit import submit_root
 from actors.worker import Claimer
-from actors.supervision import CHILD_GRACE
+from actors.supervision import CHILD_GRACE_LIMIT
 from actors.timers import Timers
 from persistence import (
     ClaimedRoot,
@@ -315,7 +315,7 @@ class Runtime(ExecutionViews):
 
         Returns None if the actor stopped without answering (its row is final).
         """
-        give_up = deadline + CHILD_GRACE + COMMIT_SLACK
+        give_up = deadline + CHILD_GRACE_LIMIT + COMMIT_SLACK
         while True:
             now = time.monotonic()
             try:

@@ -29,9 +29,15 @@ from typing import Any, Iterable
 from actors.messages import AckTree, ChildEnded, StopAck
 from persistence import ExecutionStatus, MoveExecutions, MoveNodes, Operation, Promise, TerminateSubtree, utcnow
 
-# After the deadline, how long a parent still waits for children that are
-# forcing their own work before it writes their subtrees itself.
+# After the deadline, how long a parent waits before it looks at children
+# that have not said their write is queued. One whose actor stopped without
+# a word is written (with its subtree) by the parent at once. A live one is
+# still working its way through its subtree: a cascade through thousands of
+# executions takes longer than a second, and a wait_timeout of 0 starts the
+# clock at once. It gets twice as long again each time (1, 3, 7 s after the
+# deadline), and is written by the parent only CHILD_GRACE_LIMIT after it.
 CHILD_GRACE = 1.0
+CHILD_GRACE_LIMIT = 7.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -83,6 +89,9 @@ class Ending:
         self._results: tuple[Any, ...] | None = None
         # The armed timer (a TimerHandle), so that a tighter deadline can replace it.
         self.timer: Any = None
+        # The deadline whose passing we told our pending children, and
+        # whose grace timer is armed: each deadline is passed on once.
+        self.graced_deadline: float | None = None
 
     @property
     def result(self) -> Promise[StopAck]:
@@ -103,7 +112,7 @@ class Ending:
 
     def child_write_queued(self, child_id: str, write: Promise[Any]) -> None:
         """The child's final write is queued: ours may follow it; we still want its ack."""
-        if self.submitted or child_id in self._awaited_acks:
+        if self.submitted or child_id in self._awaited_acks or child_id in self._forced_children:
             return
         self.pending_children.pop(child_id, None)
         self._child_writes[child_id] = write
@@ -132,12 +141,13 @@ class Ending:
         self._forced_nodes.update(self.pending_nodes)
         self.pending_nodes.clear()
 
-    def force_children(self) -> None:
-        """After the grace: children still silent get their whole subtree written by us."""
-        self._forced_children = tuple(self.pending_children)
-        for child_id in self._forced_children:
+    def force_children(self, child_ids: Iterable[str]) -> None:
+        """After the grace: these silent children get their whole subtree written by us."""
+        forced = tuple(child_ids)
+        for child_id in forced:
+            self.pending_children.pop(child_id, None)
             self._awaited_acks.pop(child_id, None)
-        self.pending_children.clear()
+        self._forced_children += forced
 
     # -- the final write -----------------------------------------------------
 

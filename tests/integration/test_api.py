@@ -15,7 +15,9 @@ from actors import (
     ExecutionRecord,
     ExecutionStatus,
     InvalidGraph,
+    InvalidInput,
     NotFound,
+    PermissionDenied,
     Stop,
     StopAck,
 )
@@ -277,6 +279,49 @@ def test_actor_ask_stop_returns_a_stop_ack(runtime_factory, observer):
     with pytest.raises(NotFound) as not_found:
         rt.actor(root)
     assert root in str(not_found.value)
+
+
+def test_pykkas_own_stop_of_an_execution_actor_stops_its_subtree(runtime_factory, observer):
+    # ``ref.stop()`` is how pykka stops an actor. Stopping the actor alone
+    # would leave its rows RUNNING for good; it stops the execution instead.
+    rt = runtime_factory(g.graphs(leaf=g.leaf(), parent=g.agents("leaf", 2, {"seconds": g.LONG})))
+    root = rt.start("parent", user_id=USER)
+    rows = wait_tree_running(observer, root, executions=3, naps=2)
+    ref = rt.actor(root)
+
+    assert ref.stop(timeout=30) is True
+
+    assert {r["id"]: r["status"] for r in observer.subtree(root)} == {r["id"]: "TERMINATED" for r in rows}
+    assert observer.execution(root)["stop_reason"] == "its actor was stopped"
+    assert not ref.is_alive()
+    wait_until(lambda: rt.live_count == 0, what="every actor of the tree gone")
+
+
+def test_a_message_an_execution_cannot_take_is_refused_and_it_runs_on(runtime_factory, observer, caplog):
+    rt = runtime_factory(g.graphs(leaf=g.leaf(), parent=g.agents("leaf", 2, {"seconds": g.LONG})))
+    root = rt.start("parent", user_id=USER)
+    rows = wait_tree_running(observer, root, executions=3, naps=2)
+    ref = rt.actor(root)
+
+    with caplog.at_level(logging.ERROR, logger="actors.execution"):
+        ref.tell("not a message")
+        ref.tell(Stop(user_id="mallory"))
+        ref.tell(Stop(user_id=USER, wait_timeout=-1))
+        # An ask hears why; it also comes after the three tells (a mailbox is FIFO).
+        with pytest.raises(InvalidInput, match="cannot take the message"):
+            ref.ask({"stop": True}, timeout=30)
+        with pytest.raises(PermissionDenied):
+            ref.ask(Stop(user_id="mallory"), timeout=30)
+        with pytest.raises(InvalidInput, match="wait_timeout"):
+            ref.ask(Stop(user_id=USER, wait_timeout=float("nan")), timeout=30)
+
+    assert ref.is_alive()
+    assert {r["status"] for r in observer.subtree(root)} == {"RUNNING"}
+    refused = [r for r in caplog.records if "refused a message" in r.getMessage()]
+    assert len(refused) == 3
+    assert all(getattr(r, "execution_id", None) == root for r in refused)
+    ack = rt.stop(root, user_id=USER)
+    assert set(ack.terminated) == {r["id"] for r in rows}
 
 
 def test_stop_with_block_false_returns_a_future(runtime_factory, observer):

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from actors import InvalidInput
+from actors import InvalidInput, execution, supervision
+from actors.messages import CascadeStop
 from tests.helpers import wait_status, wait_tree_running, wait_until
 from tests.integration import graphs as g
 
@@ -163,8 +164,12 @@ def test_cascading_stop_reaches_children_a_non_cascading_stop_left_running(runti
 
 
 @pytest.mark.timeout(240)
-def test_a_chain_of_600_stops_in_time_and_acknowledges_every_execution(runtime_factory, observer, caplog):
-    # The way up is messages, so depth costs turns, not stack frames.
+@pytest.mark.parametrize("wait_timeout", [5.0, 0.0])
+def test_a_chain_of_600_stops_in_time_and_acknowledges_every_execution(runtime_factory, observer, caplog,
+                                                                       wait_timeout):
+    # The way up is messages, so depth costs turns, not stack frames. With
+    # wait_timeout=0 the deadline passes at every level at once, and each
+    # level passes it on once (it once took 1.6 s and acknowledged 2 of 600).
     length = 600
     rt = runtime_factory(g.graphs(**chain(length)), max_depth=length)
     root = rt.start("link_0", user_id=USER)
@@ -176,10 +181,10 @@ def test_a_chain_of_600_stops_in_time_and_acknowledges_every_execution(runtime_f
 
     with caplog.at_level(logging.WARNING):
         began = time.monotonic()
-        ack = rt.stop(root, user_id=USER, wait_timeout=5.0)
+        ack = rt.stop(root, user_id=USER, wait_timeout=wait_timeout)
         elapsed = time.monotonic() - began
 
-    assert elapsed < 5.0, f"a chain of {length} took {elapsed:.1f}s to stop (wait_timeout 5 s was not needed)"
+    assert elapsed < 5.0, f"a chain of {length} took {elapsed:.1f}s to stop (wait_timeout {wait_timeout} s)"
     assert set(ack.terminated) == ids
     assert ack.forced == ()
     assert set(observer.subtree_statuses(root).values()) == {"TERMINATED"}
@@ -206,3 +211,62 @@ def test_cascading_stop_of_an_ancestor_reaches_children_left_running(runtime_fac
     assert set(ack.terminated) == left_running
     statuses = observer.subtree_statuses(root)
     assert statuses == {root: "FAILED", parent: "TERMINATED", **{i: "TERMINATED" for i in left_running}}
+
+
+@pytest.mark.timeout(240)
+def test_children_still_working_after_the_grace_are_waited_for_not_written_over(
+        runtime_factory, observer, caplog, monkeypatch):
+    # A grace far shorter than the cascade takes: every level looks at its
+    # child while the child is still working its way through its subtree.
+    # A live child gets more time; before, every level wrote the subtree
+    # below it again, and the ack named only some of the executions.
+    monkeypatch.setattr(execution, "CHILD_GRACE", 0.001)
+    length = 300
+    rt = runtime_factory(g.graphs(**chain(length)), max_depth=length)
+    root = rt.start("link_0", user_id=USER)
+    wait_until(lambda: observer.query(
+        "SELECT COUNT(*) AS n FROM node_execution WHERE block = 'sleep' AND status = 'RUNNING'")[0]["n"] == 1,
+        timeout=120.0, what="the deepest link to sleep")
+    ids = {r["id"] for r in observer.subtree(root)}
+
+    with caplog.at_level(logging.WARNING):
+        ack = rt.stop(root, user_id=USER, wait_timeout=0)
+
+    assert set(ack.terminated) == ids
+    assert ack.forced == ()
+    assert set(observer.subtree_statuses(root).values()) == {"TERMINATED"}
+    assert not [r for r in caplog.records if "writing their subtrees" in r.getMessage()]
+
+
+def test_a_child_whose_actor_failed_is_written_with_its_subtree_by_its_parent(
+        runtime_factory, observer, caplog, monkeypatch):
+    # An actor that fails in a turn is stopped by pykka without a word to
+    # its parent. The parent's grace finds it stopped and writes its subtree.
+    monkeypatch.setattr(execution, "CHILD_GRACE", 0.05)
+    rt = runtime_factory(g.graphs(**chain(3)))
+    root = rt.start("link_0", user_id=USER)
+    wait_until(lambda: len(observer.subtree(root)) == 3 and set(observer.subtree_statuses(root).values())
+               == {"RUNNING"}, what="the chain of 3 running")
+    rows = observer.subtree(root)
+    middle = next(r["id"] for r in rows if r["parent_id"] == root)
+    leaf = next(r["id"] for r in rows if r["parent_id"] == middle)
+    handle_cascade = execution._HANDLERS[CascadeStop]
+
+    def fail_in_the_middle(actor: execution.ExecutionActor, message: CascadeStop) -> None:
+        if actor.identity.execution_id == middle:
+            raise RuntimeError("a bug in the middle execution's turn")
+        handle_cascade(actor, message)
+
+    monkeypatch.setitem(execution._HANDLERS, CascadeStop, fail_in_the_middle)
+
+    with caplog.at_level(logging.WARNING):
+        began = time.monotonic()
+        ack = rt.stop(root, user_id=USER, wait_timeout=0)
+        elapsed = time.monotonic() - began
+
+    # Not left until CHILD_GRACE_LIMIT, when even a live child is written.
+    assert elapsed < supervision.CHILD_GRACE_LIMIT, f"the stop took {elapsed:.1f}s"
+    assert set(ack.terminated) == {root, middle, leaf}
+    assert set(ack.forced) == {middle, leaf}
+    assert set(observer.subtree_statuses(root).values()) == {"TERMINATED"}
+    assert [r for r in caplog.records if "stopped without ending" in r.getMessage() and middle in r.getMessage()]
