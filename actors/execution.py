@@ -356,10 +356,19 @@ class ExecutionActor(DeferredReplyActor):
         if ending is None or ending.submitted or message.deadline != ending.deadline:
             return  # a tighter deadline's grace looks again
         gone = [child_id for child_id in message.child_ids if child_id in ending.pending_children]
-        if gone:
-            self.log.warning("children %s stopped without ending; writing their subtrees", sorted(gone))
-            ending.force_children(gone)
-            self._maybe_submit()
+        if not gone:
+            return
+        self.log.warning("children %s stopped without ending; writing their subtrees", sorted(gone))
+        ending.force_children(gone)
+        # Their own children are live and would run on, spawning under
+        # rows we write TERMINATED: they end too (their writes then find
+        # their rows terminal), and nobody waits for their answers.
+        orphaned = CascadeStop(reason=ending.reason, deadline=ending.deadline)
+        for child_id in gone:
+            self.host.live.remove(child_id)
+            for orphan in self.host.live.children_of(child_id):
+                _tell(orphan, orphaned)
+        self._maybe_submit()
 
     def _force_nodes(self, ending: Ending) -> None:
         """At the deadline: own work still running is terminated anyway; its late results are dropped.

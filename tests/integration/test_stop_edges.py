@@ -241,15 +241,16 @@ def test_children_still_working_after_the_grace_are_waited_for_not_written_over(
 def test_a_child_whose_actor_failed_is_written_with_its_subtree_by_its_parent(
         runtime_factory, observer, caplog, monkeypatch):
     # An actor that fails in a turn is stopped by pykka without a word to
-    # its parent. The parent's grace finds it stopped and writes its subtree.
+    # its parent. The parent's grace finds it stopped and writes its
+    # subtree; the live actors under it end too, nothing left running.
     monkeypatch.setattr(execution, "CHILD_GRACE", 0.05)
-    rt = runtime_factory(g.graphs(**chain(3)))
+    rt = runtime_factory(g.graphs(**chain(4)))
     root = rt.start("link_0", user_id=USER)
-    wait_until(lambda: len(observer.subtree(root)) == 3 and set(observer.subtree_statuses(root).values())
-               == {"RUNNING"}, what="the chain of 3 running")
+    wait_until(lambda: len(observer.subtree(root)) == 4 and set(observer.subtree_statuses(root).values())
+               == {"RUNNING"}, what="the chain of 4 running")
     rows = observer.subtree(root)
     middle = next(r["id"] for r in rows if r["parent_id"] == root)
-    leaf = next(r["id"] for r in rows if r["parent_id"] == middle)
+    below = {r["id"] for r in rows} - {root, middle}
     handle_cascade = execution._HANDLERS[CascadeStop]
 
     def fail_in_the_middle(actor: execution.ExecutionActor, message: CascadeStop) -> None:
@@ -266,7 +267,8 @@ def test_a_child_whose_actor_failed_is_written_with_its_subtree_by_its_parent(
 
     # Not left until CHILD_GRACE_LIMIT, when even a live child is written.
     assert elapsed < supervision.CHILD_GRACE_LIMIT, f"the stop took {elapsed:.1f}s"
-    assert set(ack.terminated) == {root, middle, leaf}
-    assert set(ack.forced) == {middle, leaf}
+    assert set(ack.terminated) == {root, middle, *below}
+    assert set(ack.forced) == {middle, *below}
     assert set(observer.subtree_statuses(root).values()) == {"TERMINATED"}
     assert [r for r in caplog.records if "stopped without ending" in r.getMessage() and middle in r.getMessage()]
+    wait_until(lambda: rt.live_count == 0, what="the actors below the failed one gone too")
