@@ -33,6 +33,18 @@ def chain(length: int) -> dict[str, g.Graph]:
     return graphs
 
 
+def running_chain(runtime_factory, observer, length: int):
+    """A runtime running ``chain(length)`` down to its sleeping last link: (runtime, root id, every id)."""
+    rt = runtime_factory(g.graphs(**chain(length)), max_depth=max(length, 32))
+    root = rt.start("link_0", user_id=USER)
+    wait_until(lambda: observer.query(
+        "SELECT COUNT(*) AS n FROM node_execution WHERE block = 'sleep' AND status = 'RUNNING'")[0]["n"] == 1,
+        timeout=120.0, what="the deepest link to sleep")
+    ids = {r["id"] for r in observer.subtree(root)}
+    assert len(ids) == length
+    return rt, root, ids
+
+
 def slow_to_stop(ctx) -> dict:
     """Works until stopped, then takes 0.3 s to wind down: its execution stays ending meanwhile."""
     ctx.stop_event.wait(60)
@@ -171,13 +183,7 @@ def test_a_chain_of_600_stops_in_time_and_acknowledges_every_execution(runtime_f
     # wait_timeout=0 the deadline passes at every level at once, and each
     # level passes it on once (it once took 1.6 s and acknowledged 2 of 600).
     length = 600
-    rt = runtime_factory(g.graphs(**chain(length)), max_depth=length)
-    root = rt.start("link_0", user_id=USER)
-    wait_until(lambda: observer.query(
-        "SELECT COUNT(*) AS n FROM node_execution WHERE block = 'sleep' AND status = 'RUNNING'")[0]["n"] == 1,
-        timeout=120.0, what="the deepest link to sleep")
-    ids = {r["id"] for r in observer.subtree(root)}
-    assert len(ids) == length
+    rt, root, ids = running_chain(runtime_factory, observer, length)
 
     with caplog.at_level(logging.WARNING):
         began = time.monotonic()
@@ -221,13 +227,7 @@ def test_children_still_working_after_the_grace_are_waited_for_not_written_over(
     # A live child gets more time; before, every level wrote the subtree
     # below it again, and the ack named only some of the executions.
     monkeypatch.setattr(execution, "CHILD_GRACE", 0.001)
-    length = 300
-    rt = runtime_factory(g.graphs(**chain(length)), max_depth=length)
-    root = rt.start("link_0", user_id=USER)
-    wait_until(lambda: observer.query(
-        "SELECT COUNT(*) AS n FROM node_execution WHERE block = 'sleep' AND status = 'RUNNING'")[0]["n"] == 1,
-        timeout=120.0, what="the deepest link to sleep")
-    ids = {r["id"] for r in observer.subtree(root)}
+    rt, root, ids = running_chain(runtime_factory, observer, 300)
 
     with caplog.at_level(logging.WARNING):
         ack = rt.stop(root, user_id=USER, wait_timeout=0)
@@ -244,13 +244,9 @@ def test_a_child_whose_actor_failed_is_written_with_its_subtree_by_its_parent(
     # its parent. The parent's grace finds it stopped and writes its
     # subtree; the live actors under it end too, nothing left running.
     monkeypatch.setattr(execution, "CHILD_GRACE", 0.05)
-    rt = runtime_factory(g.graphs(**chain(4)))
-    root = rt.start("link_0", user_id=USER)
-    wait_until(lambda: len(observer.subtree(root)) == 4 and set(observer.subtree_statuses(root).values())
-               == {"RUNNING"}, what="the chain of 4 running")
-    rows = observer.subtree(root)
-    middle = next(r["id"] for r in rows if r["parent_id"] == root)
-    below = {r["id"] for r in rows} - {root, middle}
+    rt, root, ids = running_chain(runtime_factory, observer, 4)
+    middle = next(r["id"] for r in observer.subtree(root) if r["parent_id"] == root)
+    below = ids - {root, middle}
     handle_cascade = execution._HANDLERS[CascadeStop]
 
     def fail_in_the_middle(actor: execution.ExecutionActor, message: CascadeStop) -> None:
