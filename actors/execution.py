@@ -48,6 +48,7 @@ from actors.messages import (
     ForceSilent,
     Halt,
     NodeFinished,
+    SalvageCommitted,
     Stop,
     StopAck,
     WriteFailed,
@@ -67,6 +68,7 @@ from persistence import (
     PermissionDenied,
     Promise,
     RequestStop,
+    TerminateSubtree,
     dumps,
     utcnow,
 )
@@ -150,6 +152,9 @@ class ExecutionActor(DeferredReplyActor):
         self.stop_waiters: tuple[Promise[StopAck], ...] = ()
         # The parent sent us a cascade: it wants our ChildWriteQueued.
         self.cascaded = False
+        # Set once a turn broke (a bug of ours): why. From then on only the
+        # salvage's commit, stops and a Halt are handled (see _salvage).
+        self.broken: str | None = None
         self._ops: list[Operation] = []
         self._after_commit: list[tuple[pykka.ActorRef, str]] = []
         self.log = ExecutionLog(logger, identity)
@@ -168,12 +173,25 @@ class ExecutionActor(DeferredReplyActor):
         handler = _HANDLERS.get(type(message))
         if handler is None:
             raise InvalidInput(f"execution {self.identity.execution_id} cannot take the message {message!r}")
+        if self.broken is not None and type(message) not in _TAKEN_WHEN_BROKEN:
+            return None  # its late news: the salvage ends the execution without it
         try:
             return handler(self, message)
+        except self.refusals:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug of ours must not leave the execution RUNNING
+            if self.broken is not None:
+                raise  # the salvage itself broke: pykka stops the actor (see on_failure)
+            self.log.error("handling %s failed; ending the execution FAILED", type(message).__name__,
+                           exc_info=True)
+            return self._salvage(f"internal error while handling {type(message).__name__}: "
+                                 f"{type(exc).__name__}: {exc}")
         finally:
             self._flush()
 
     def on_failure(self, *args: Any) -> None:
+        # Only when the salvage broke too. During a stop, the parent finds
+        # this actor stopped after CHILD_GRACE and writes its subtree.
         self.log.error("actor failed", exc_info=args)
 
     def on_refusal(self, message: Any, error: Exception) -> None:
@@ -190,7 +208,7 @@ class ExecutionActor(DeferredReplyActor):
         own_id = self.identity.execution_id
         if self.final_status is not None:
             return Promise.resolved(StopAck(execution_id=own_id, already_final=(own_id,)))
-        if self.natural is not None:
+        if self.natural is not None or self.broken is not None:
             # Its final write is in flight: answer once it is committed.
             waiter: Promise[StopAck] = Promise()
             self.stop_waiters += (waiter,)
@@ -506,6 +524,84 @@ class ExecutionActor(DeferredReplyActor):
         # cascade already has our ChildEnded in its mailbox.
         self.stop_in_turn()
 
+    # -- a broken turn --------------------------------------------------------------
+
+    def _salvage(self, error: str) -> Promise[StopAck]:
+        """A handler of ours raised: end FAILED by a path that needs nobody else.
+
+        The turn stopped half-way, so this trusts none of the actor's
+        bookkeeping beyond its own id. One write, queued behind this turn's
+        writes and any final write already queued (the writer is FIFO; a
+        child inserted in the broken turn is then in the subtree), ends
+        every active descendant TERMINATED and this execution FAILED. The
+        parent hears ChildWriteQueued now and ChildEnded after the commit,
+        as from any ending, so it never waits for a grace; a stop asked
+        meanwhile is answered then. The live children are stopped at once
+        (their writes then find their rows terminal); nobody waits for them.
+        Before this, pykka stopped the actor and its rows stayed RUNNING
+        until a stop or close() wrote them.
+        """
+        self.broken = error
+        self.halted.set()
+        self._flush()
+        for state in self.nodes.values():
+            # Timers and queued pool work; a running block sees stop_event.
+            if state.status is NodeStatus.RUNNING and state.handle is not None and not isinstance(state.handle, str):
+                state.handle.cancel()
+        own_id = self.identity.execution_id
+        now = utcnow()
+        after = () if self.final_write is None else (self.final_write,)
+        write = self.host.store.submit(
+            TerminateSubtree(execution_id=own_id, reason=f"execution {own_id} failed", at=now, forced=True,
+                             include_root=False),
+            MoveNodes(execution_id=own_id, node_ids=None, target=ExecutionStatus.TERMINATED, at=now),
+            MoveExecutions(ids=(own_id,), target=ExecutionStatus.FAILED, at=now, error=error),
+            after=after)
+        write.add_done_callback(functools.partial(_salvage_written, self.actor_ref))
+        self._tell_parent(ChildWriteQueued(child_id=own_id, write=write))
+        stopped = CascadeStop(reason=f"execution {own_id} failed", deadline=time.monotonic())
+        for child in self.host.live.children_of(own_id):
+            _tell(child, stopped)
+        waiter: Promise[StopAck] = Promise()
+        self.stop_waiters += (waiter,)
+        return waiter
+
+    def _on_salvage_committed(self, message: SalvageCommitted) -> None:
+        if message.error is not None:
+            # Not about connectivity (the writer retries that), so writing
+            # again fails again: as for a failed ending (_ending_committed),
+            # whoever waits hears the error; the rows stay as they are.
+            self.log.error("could not write the failure: %s", message.error)
+            self._answer_stops_with(DatabaseError(
+                f"execution {self.identity.execution_id} could not be written FAILED: {message.error}"))
+            self.host.on_halted(self.identity)
+            self.stop_in_turn()
+            return
+        status, outputs, error, stop_reason = ExecutionStatus.FAILED, None, self.broken, None
+        if not message.own_moved:
+            # A final write queued before the break committed first: report what it wrote.
+            if self.natural is not None:
+                status, outputs, error = self.natural.status, self.natural.outputs, self.natural.error
+            elif self.ending is not None and self.ending.submitted:
+                status, error = self.ending.status, self.ending.error
+                stop_reason = self.ending.reason if status is ExecutionStatus.TERMINATED else None
+        if self.ending is not None and self.ending.result.done():
+            self.ending.asked = False  # answered before the break
+        own_id = self.identity.execution_id
+        ack = AckTree(terminated=message.moved, already_final=(own_id,), forced=message.moved)
+        for waiter in self.stop_waiters:
+            waiter.set_result(ack.flatten(own_id))
+        self.stop_waiters = ()
+        self._ended(status, outputs=outputs, error=error, stop_reason=stop_reason, ack=ack)
+
+    def _answer_stops_with(self, error: Exception) -> None:
+        """Whoever waits for a stop of ours hears ``error``."""
+        if self.ending is not None and self.ending.asked and not self.ending.result.done():
+            self.ending.result.set_exception(error)
+        for waiter in self.stop_waiters:
+            waiter.set_exception(error)
+        self.stop_waiters = ()
+
     # -- lease lost ------------------------------------------------------------
 
     def _on_halt(self, halt: Halt) -> None:
@@ -521,13 +617,8 @@ class ExecutionActor(DeferredReplyActor):
             if state.status is NodeStatus.RUNNING and not isinstance(state.handle, str):
                 self._interrupt_node(node_id)
         self._ops, self._after_commit = [], []
-        error = DatabaseError(f"execution {self.identity.execution_id} was halted without being written: "
-                              f"{halt.reason}")
-        if self.ending is not None and self.ending.asked and not self.ending.result.done():
-            self.ending.result.set_exception(error)
-        for waiter in self.stop_waiters:
-            waiter.set_exception(error)
-        self.stop_waiters = ()
+        self._answer_stops_with(DatabaseError(
+            f"execution {self.identity.execution_id} was halted without being written: {halt.reason}"))
         self.log.warning("halted here, nothing written: %s", halt.reason)
         self.host.on_halted(self.identity)
         self.stop_in_turn()
@@ -834,7 +925,11 @@ _HANDLERS: dict[type, Callable[[ExecutionActor, Any], Any]] = {
     DeadlinePassed: ExecutionActor._on_deadline,
     ForceSilent: ExecutionActor._on_force_silent,
     Halt: ExecutionActor._on_halt,
+    SalvageCommitted: ExecutionActor._on_salvage_committed,
 }
+# What a broken execution still handles: its salvage's commit, stops (answered
+# after it) and a lost lease. The rest is news the salvage no longer needs.
+_TAKEN_WHEN_BROKEN = frozenset({SalvageCommitted, Stop, Halt})
 
 
 def _then(promise: Promise[Any], value: StopAck) -> Promise[StopAck]:
@@ -866,6 +961,16 @@ def _forward(source: Promise[StopAck] | None, target: Promise[StopAck]) -> None:
             target.set_result(done.result())
 
     source.add_done_callback(settle)
+
+
+def _salvage_written(ref: pykka.ActorRef, write: Promise[Any]) -> None:
+    """On the committing thread: tell the broken execution how its salvage went."""
+    error = write.exception()
+    if error is not None:
+        _tell(ref, SalvageCommitted(error=str(error)))
+        return
+    moved, *_, own_moved = write.result()
+    _tell(ref, SalvageCommitted(moved=tuple(moved), own_moved=bool(own_moved)))
 
 
 def _tell(ref: pykka.ActorRef, message: Any) -> None:

@@ -212,6 +212,22 @@ class FinalCommitted:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class SalvageCommitted:
+    """The writer's answer to the write that ends a broken execution FAILED (see ExecutionActor._salvage).
+
+    Attributes:
+        moved: descendants it moved to TERMINATED, when it committed.
+        own_moved: whether it moved the execution's own row (False: a final
+            write queued before it had already ended the row).
+        error: why it was not written, when it was not.
+    """
+
+    moved: tuple[str, ...] = ()
+    own_moved: bool = False
+    error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DeadlinePassed:
     """The timer: the ending's deadline passed, or ``grace`` seconds more (see supervision.CHILD_GRACE)."""
 

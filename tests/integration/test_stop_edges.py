@@ -7,8 +7,7 @@ import time
 
 import pytest
 
-from actors import InvalidInput, execution, supervision
-from actors.messages import CascadeStop
+from actors import InvalidInput, execution
 from tests.helpers import wait_status, wait_tree_running, wait_until
 from tests.integration import graphs as g
 
@@ -236,35 +235,3 @@ def test_children_still_working_after_the_grace_are_waited_for_not_written_over(
     assert ack.forced == ()
     assert set(observer.subtree_statuses(root).values()) == {"TERMINATED"}
     assert not [r for r in caplog.records if "writing their subtrees" in r.getMessage()]
-
-
-def test_a_child_whose_actor_failed_is_written_with_its_subtree_by_its_parent(
-        runtime_factory, observer, caplog, monkeypatch):
-    # An actor that fails in a turn is stopped by pykka without a word to
-    # its parent. The parent's grace finds it stopped and writes its
-    # subtree; the live actors under it end too, nothing left running.
-    monkeypatch.setattr(execution, "CHILD_GRACE", 0.05)
-    rt, root, ids = running_chain(runtime_factory, observer, 4)
-    middle = next(r["id"] for r in observer.subtree(root) if r["parent_id"] == root)
-    below = ids - {root, middle}
-    handle_cascade = execution._HANDLERS[CascadeStop]
-
-    def fail_in_the_middle(actor: execution.ExecutionActor, message: CascadeStop) -> None:
-        if actor.identity.execution_id == middle:
-            raise RuntimeError("a bug in the middle execution's turn")
-        handle_cascade(actor, message)
-
-    monkeypatch.setitem(execution._HANDLERS, CascadeStop, fail_in_the_middle)
-
-    with caplog.at_level(logging.WARNING):
-        began = time.monotonic()
-        ack = rt.stop(root, user_id=USER, wait_timeout=0)
-        elapsed = time.monotonic() - began
-
-    # Not left until CHILD_GRACE_LIMIT, when even a live child is written.
-    assert elapsed < supervision.CHILD_GRACE_LIMIT, f"the stop took {elapsed:.1f}s"
-    assert set(ack.terminated) == {root, middle, *below}
-    assert set(ack.forced) == {middle, *below}
-    assert set(observer.subtree_statuses(root).values()) == {"TERMINATED"}
-    assert [r for r in caplog.records if "stopped without ending" in r.getMessage() and middle in r.getMessage()]
-    wait_until(lambda: rt.live_count == 0, what="the actors below the failed one gone too")

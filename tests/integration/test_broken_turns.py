@@ -1,0 +1,176 @@
+"""A turn of an execution actor that raises (a bug of ours) ends its execution FAILED, never RUNNING for good.
+
+The bugs are made by patching one handler of ``execution._HANDLERS`` to
+raise for one execution. Before, pykka stopped that actor without a word:
+its rows, and its subtree's, stayed RUNNING until a stop or ``close()``,
+its parent's agent node waited for good, and a stop of a broken root
+raised ``StopTimeout``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import pytest
+
+from actors import execution, supervision
+from actors.messages import CascadeStop, FinalCommitted, NodeFinished, Stop
+from tests.helpers import wait_status, wait_tree_running, wait_until
+from tests.integration import graphs as g
+from tests.integration.test_stop_edges import running_chain
+
+USER = "alice"
+BUG = "a bug in this execution's turn"
+
+
+def break_handler(monkeypatch: pytest.MonkeyPatch, message_type: type,
+                  breaks: Callable[[execution.ExecutionActor], bool]) -> None:
+    """Make the handler of ``message_type`` raise in the executions ``breaks`` picks."""
+    handle = execution._HANDLERS[message_type]
+
+    def broken(actor: execution.ExecutionActor, message: Any) -> Any:
+        if breaks(actor):
+            raise RuntimeError(BUG)
+        return handle(actor, message)
+
+    monkeypatch.setitem(execution._HANDLERS, message_type, broken)
+
+
+def with_agent_and_nap(nap_seconds: float) -> g.Graph:
+    """Starts a child that sleeps LONG, and sleeps ``nap_seconds`` itself (its NodeFinished comes then)."""
+    return {"nodes": {"child": {"block": "agent", "input": {"graph": "nap", "inputs": {}}},
+                      "short": {"block": "sleep", "input": {"seconds": nap_seconds}}}}
+
+
+def assert_nothing_active(observer, root: str) -> None:
+    assert not [r for r in observer.subtree(root) if r["status"] in ("RUNNING", "QUEUED")]
+    ids = tuple(observer.subtree_statuses(root))
+    marks = ",".join("?" for _ in ids)
+    assert not observer.query(
+        f"SELECT * FROM node_execution WHERE status = 'RUNNING' AND graph_execution_id IN ({marks})", ids)
+
+
+def test_a_turn_that_breaks_fails_its_execution_ends_its_subtree_and_fails_its_parent(
+        runtime_factory, observer, caplog, monkeypatch):
+    rt = runtime_factory(g.graphs(nap=g.sleeper(), middle=with_agent_and_nap(0.2), top=g.agents("middle", 1)))
+    break_handler(monkeypatch, NodeFinished, lambda actor: actor.identity.graph_id == "middle")
+    with caplog.at_level(logging.ERROR):
+        root = rt.start("top", user_id=USER)
+        wait_status(observer, root, "FAILED")
+
+    rows = {r["graph_id"]: r for r in observer.subtree(root)}
+    middle, below = rows["middle"], rows["nap"]
+    assert middle["status"] == "FAILED"
+    assert middle["error"] == f"internal error while handling NodeFinished: RuntimeError: {BUG}"
+    assert below["status"] == "TERMINATED"
+    assert middle["id"] in rows["top"]["error"]  # the parent's agent node failed with its child
+    assert_nothing_active(observer, root)
+    wait_until(lambda: rt.live_count == 0, what="every actor of the tree gone")
+    broken = [r for r in caplog.records if "handling NodeFinished failed" in r.getMessage()]
+    assert broken and broken[0].execution_id == middle["id"] and broken[0].root_id == root
+
+
+def test_a_root_whose_turn_breaks_frees_its_slot_and_a_stop_finds_it_final(
+        runtime_factory, observer, monkeypatch):
+    rt = runtime_factory(g.graphs(nap=g.sleeper(), top=with_agent_and_nap(0.2), quick=g.quick()),
+                         max_running_per_user=1)
+    break_handler(monkeypatch, NodeFinished, lambda actor: actor.identity.graph_id == "top")
+    root = rt.start("top", user_id=USER)
+    waiting = rt.start("quick", user_id=USER)  # admitted only once the root's slot is free
+    assert observer.status(waiting) == "QUEUED"
+
+    wait_status(observer, root, "FAILED")
+    ack = rt.stop(root, user_id=USER, wait_timeout=1.0)
+
+    assert ack.already_final == (root,) and ack.terminated == ()
+    assert set(observer.subtree_statuses(root).values()) == {"FAILED", "TERMINATED"}
+    assert_nothing_active(observer, root)
+    wait_status(observer, waiting, "COMPLETED")
+
+
+def test_a_turn_that_breaks_after_its_final_write_reports_what_was_written(
+        runtime_factory, observer, monkeypatch):
+    # The child's COMPLETED is committed; the turn that hears so breaks.
+    # The salvage then finds the row final and tells the parent COMPLETED,
+    # with the outputs: the parent completes as if nothing had happened.
+    rt = runtime_factory(g.graphs(quick=g.quick(7), top=g.agents("quick", 1)))
+    break_handler(monkeypatch, FinalCommitted, lambda actor: actor.identity.graph_id == "quick")
+    root = rt.start("top", user_id=USER)
+
+    wait_status(observer, root, "COMPLETED")
+    statuses = observer.subtree_statuses(root)
+    assert set(statuses.values()) == {"COMPLETED"} and len(statuses) == 2
+    wait_until(lambda: rt.live_count == 0, what="both actors gone")
+
+
+def test_a_stop_whose_own_turn_breaks_is_answered_with_its_subtree_terminal(
+        runtime_factory, observer, monkeypatch):
+    rt = runtime_factory(g.graphs(nap=g.sleeper(), top=g.agents("nap", 3)))
+    root = rt.start("top", user_id=USER)
+    rows = wait_tree_running(observer, root, executions=4, naps=3)
+    children = {r["id"] for r in rows} - {root}
+    break_handler(monkeypatch, Stop, lambda actor: actor.identity.execution_id == root)
+
+    began = time.monotonic()
+    ack = rt.stop(root, user_id=USER, wait_timeout=5.0)
+    elapsed = time.monotonic() - began
+
+    # It names the execution: FAILED by the bug, not by this stop.
+    assert ack.already_final == (root,)
+    assert set(ack.terminated) == children
+    assert elapsed < 5.0, f"the stop took {elapsed:.1f}s: the broken root waited for its deadline"
+    statuses = observer.subtree_statuses(root)
+    assert statuses == {root: "FAILED", **{i: "TERMINATED" for i in children}}
+
+
+def test_a_turn_that_breaks_during_a_stop_is_answered_without_the_grace(
+        runtime_factory, observer, monkeypatch):
+    rt, root, ids = running_chain(runtime_factory, observer, 4)
+    middle = next(r["id"] for r in observer.subtree(root) if r["parent_id"] == root)
+    below = ids - {root, middle}
+    break_handler(monkeypatch, CascadeStop, lambda actor: actor.identity.execution_id == middle)
+
+    began = time.monotonic()
+    ack = rt.stop(root, user_id=USER, wait_timeout=0)
+    elapsed = time.monotonic() - began
+
+    assert elapsed < supervision.CHILD_GRACE, f"the stop took {elapsed:.1f}s"
+    assert set(ack.terminated) == {root, *below}
+    assert ack.already_final == (middle,)
+    assert observer.subtree_statuses(root) == {root: "TERMINATED", middle: "FAILED",
+                                               **{i: "TERMINATED" for i in below}}
+    wait_until(lambda: rt.live_count == 0, what="the actors below the broken one gone too")
+
+
+def test_an_actor_whose_salvage_breaks_too_is_written_with_its_subtree_by_its_parent(
+        runtime_factory, observer, caplog, monkeypatch):
+    # The last resort: the salvage raises as well, and pykka stops the
+    # actor without a word to its parent. The parent's grace finds it
+    # stopped and writes its subtree; the live actors under it end too.
+    monkeypatch.setattr(execution, "CHILD_GRACE", 0.05)
+    rt, root, ids = running_chain(runtime_factory, observer, 4)
+    middle = next(r["id"] for r in observer.subtree(root) if r["parent_id"] == root)
+    below = ids - {root, middle}
+    break_handler(monkeypatch, CascadeStop, lambda actor: actor.identity.execution_id == middle)
+    salvage = execution.ExecutionActor._salvage
+
+    def salvage_breaks(actor: execution.ExecutionActor, error: str) -> Any:
+        if actor.identity.execution_id == middle:
+            raise RuntimeError("the salvage broke too")
+        return salvage(actor, error)
+
+    monkeypatch.setattr(execution.ExecutionActor, "_salvage", salvage_breaks)
+
+    with caplog.at_level(logging.WARNING):
+        began = time.monotonic()
+        ack = rt.stop(root, user_id=USER, wait_timeout=0)
+        elapsed = time.monotonic() - began
+
+    # Not left until CHILD_GRACE_LIMIT, when even a live child is written.
+    assert elapsed < supervision.CHILD_GRACE_LIMIT, f"the stop took {elapsed:.1f}s"
+    assert set(ack.terminated) == {root, middle, *below}
+    assert set(ack.forced) == {middle, *below}
+    assert set(observer.subtree_statuses(root).values()) == {"TERMINATED"}
+    assert [r for r in caplog.records if "stopped without ending" in r.getMessage() and middle in r.getMessage()]
+    wait_until(lambda: rt.live_count == 0, what="the actors below the failed one gone too")
