@@ -992,5 +992,7 @@ def _run_user_block(spec: BlockSpec, context: BlockContext, inputs: dict[str, An
             raise NodeError(f"block {spec.name!r} returned {type(outputs).__name__}, not a dict")
         dumps(outputs)
         return NodeFinished(node_id=context.node_id, outputs=dict(outputs))
-    except Exception as exc:  # noqa: BLE001 - any block failure fails the node, by message
+    except BaseException as exc:  # noqa: BLE001 - any block failure fails the node, by message
+        # BaseException too: sys.exit() in a block raises SystemExit on this
+        # pool thread, and escaping here it left the node RUNNING for good.
         return NodeFinished(node_id=context.node_id, error=f"{type(exc).__name__}: {exc}")

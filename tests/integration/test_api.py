@@ -179,9 +179,13 @@ def test_user_block_outputs_feed_links(runtime_factory, observer):
     assert loads_json(observer.execution(root)["outputs"]) == {"y": 42}
 
 
-def test_user_block_error_fails_the_execution(runtime_factory, observer):
+@pytest.mark.parametrize("error", [ValueError("user code broke"), SystemExit("user code broke")],
+                         ids=["ValueError", "SystemExit"])
+def test_user_block_error_fails_the_execution(runtime_factory, observer, error):
+    # sys.exit() in a block is an error of that block too: it used to
+    # escape the block's runner, and the node and execution stayed RUNNING.
     def broken(ctx):
-        raise ValueError("user code broke")
+        raise error
 
     rt = runtime_factory(g.graphs(bad={"nodes": {"b": {"block": "broken"}}}), blocks={"broken": (broken, (), ())})
     root = rt.start("bad", user_id=USER)
@@ -189,7 +193,7 @@ def test_user_block_error_fails_the_execution(runtime_factory, observer):
     wait_status(observer, root, *TERMINAL_STATUSES)
 
     row = observer.execution(root)
-    assert row["status"] == "FAILED" and "user code broke" in row["error"]
+    assert row["status"] == "FAILED" and f"{type(error).__name__}: user code broke" in row["error"]
     assert [(n["node_id"], n["status"]) for n in observer.nodes(root)] == [("b", "FAILED")]
 
 
