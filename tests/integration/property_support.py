@@ -3,6 +3,9 @@
 - ``scenarios()``: a hypothesis strategy drawing a few graphs, the roots to
   start and the stops to send; ``Scenario.graph_file()`` is what ``rt.load`` takes.
 - ``USER_BLOCKS``: the user blocks those graphs use (cooperative, stubborn, exploding).
+- ``broken_turns``: about half the scenarios also break one turn of an
+  execution actor (the n-th message of one type raises, as a bug of ours
+  would), which must end that execution FAILED without breaking any invariant.
 - ``run_example``: runs one scenario on a fresh runtime and returns what was
   seen: every ``rt.stop`` call with the subtree read right after it returned
   (``StopRecord``), every row of the example read every ~20 ms by a
@@ -13,15 +16,16 @@ never through the runtime's memory.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from hypothesis import assume
 from hypothesis import strategies as st
 
-from actors import Runtime, StopAck
+from actors import Runtime, StopAck, execution, messages
 from tests.helpers import Observer, wait_until
 
 USER = "alice"
@@ -136,10 +140,26 @@ class StopAction:
 
 
 @dataclasses.dataclass(frozen=True)
+class Break:
+    """A bug of ours: the ``nth`` message of type ``message`` that any execution actor handles raises."""
+
+    message: str
+    nth: int
+
+
+# Every message an execution actor handles in these examples. (Not its
+# salvage's commit: a second bug in the same actor is the last resort, the
+# parent's grace, which may take longer than a stop's slack.)
+BREAKABLE = ("Stop", "CascadeStop", "NodeFinished", "ChildWriteQueued", "ChildEnded", "ChildContinues",
+             "Begin", "FinalCommitted", "DeadlinePassed")
+
+
+@dataclasses.dataclass(frozen=True)
 class Scenario:
     graphs: tuple[tuple[Node, ...], ...]
     starts: tuple[Start, ...]
     stops: tuple[StopAction, ...]
+    breaks: tuple[Break, ...] = ()
 
     def graph_file(self) -> dict[str, Any]:
         graphs = {}
@@ -221,7 +241,9 @@ def scenarios(draw: Any) -> Scenario:
         st.builds(Start, graph=st.integers(0, graph_count - 1), delay=st.sampled_from((0.0, 0.05, 0.2))),
         min_size=1, max_size=3)))
     scenario = Scenario(graphs=graphs, starts=starts,
-                        stops=tuple(draw(st.lists(stop_actions(), min_size=1, max_size=4))))
+                        stops=tuple(draw(st.lists(stop_actions(), min_size=1, max_size=4))),
+                        breaks=draw(st.one_of(st.just(()), st.tuples(st.builds(
+                            Break, message=st.sampled_from(BREAKABLE), nth=st.integers(1, 3))))))
     assume(sum(scenario.executions(s.graph) for s in starts) <= MAX_EXECUTIONS)
     return scenario
 
@@ -429,6 +451,10 @@ class _Example:
         self.log.append((time.monotonic() if at is None else at, text))
 
     def run(self) -> Outcome:
+        with broken_turns(self.scenario.breaks, self.note):
+            return self._run()
+
+    def _run(self) -> Outcome:
         rt = Runtime(database=self.url, failure_timeout=FAILURE_TIMEOUT)
         sampler: Sampler | None = None
         final: Sample | None = None
@@ -523,6 +549,37 @@ class _Example:
         threads, self.threads = self.threads, []
         for thread, record in threads:
             self._join(thread, record)
+
+
+@contextlib.contextmanager
+def broken_turns(breaks: tuple[Break, ...], note: Callable[[str], None]) -> Iterator[None]:
+    """Make each ``Break``'s message raise in whichever actor handles it ``nth``, for the block's duration."""
+    originals = dict(execution._HANDLERS)
+    for fault in breaks:
+        message_type = getattr(messages, fault.message)
+        execution._HANDLERS[message_type] = _breaking(originals[message_type], fault, note)
+    try:
+        yield
+    finally:
+        execution._HANDLERS.clear()
+        execution._HANDLERS.update(originals)
+
+
+def _breaking(handle: Callable[..., Any], fault: Break, note: Callable[[str], None]) -> Callable[..., Any]:
+    lock = threading.Lock()
+    seen = 0
+
+    def handler(actor: execution.ExecutionActor, message: Any) -> Any:
+        nonlocal seen
+        with lock:
+            seen += 1
+            breaks_now = seen == fault.nth
+        if breaks_now:
+            note(f"the turn of {short(actor.identity.execution_id)} handling {fault.message} #{fault.nth} breaks")
+            raise RuntimeError(f"a bug planted in the {fault.nth}th {fault.message}")
+        return handle(actor, message)
+
+    return handler
 
 
 def run_example(url: str, scenario: Scenario, slack: float) -> Outcome:

@@ -6,7 +6,10 @@ sleeps that may ignore the stop, failing nodes, cooperative, stubborn and
 exploding user blocks), starts 1 to 3 roots, and sends 1 to 4 stops of roots
 or of descendants picked from the database, with random ``cascade`` and
 ``wait_timeout`` (0 included: "force everything now"), some in the
-background and some twice at once from two threads. A sampler thread reads
+background and some twice at once from two threads. About half the
+examples also plant a bug: the n-th message of one type that any execution
+actor handles raises (property_support.broken_turns); the execution whose
+turn broke must end FAILED with every invariant below intact. A sampler thread reads
 every row of the example every ~20 ms; every stop reads its subtree right
 after it returned; the example ends with ``rt.close()``. Then:
 
