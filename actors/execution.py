@@ -68,7 +68,6 @@ from persistence import (
     PermissionDenied,
     Promise,
     RequestStop,
-    TerminateSubtree,
     dumps,
     utcnow,
 )
@@ -99,6 +98,15 @@ class ChildState:
     ended: bool = False
     # Its final write, once queued: an ending of ours submits after it.
     final_write: Promise[Any] | None = None
+
+
+@dataclasses.dataclass
+class Salvage:
+    """A broken execution's way to FAILED (see ExecutionActor._salvage)."""
+
+    ending: Ending
+    # The live children it waits for, from the runtime's registry.
+    children: dict[str, pykka.ActorRef]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -152,9 +160,9 @@ class ExecutionActor(DeferredReplyActor):
         self.stop_waiters: tuple[Promise[StopAck], ...] = ()
         # The parent sent us a cascade: it wants our ChildWriteQueued.
         self.cascaded = False
-        # Set once a turn broke (a bug of ours): why. From then on only the
-        # salvage's commit, stops and a Halt are handled (see _salvage).
-        self.broken: str | None = None
+        # Set once a turn broke (a bug of ours): how the execution ends
+        # instead (see _salvage). From then on _SALVAGE_HANDLERS apply.
+        self.salvage: Salvage | None = None
         self._ops: list[Operation] = []
         self._after_commit: list[tuple[pykka.ActorRef, str]] = []
         self.log = ExecutionLog(logger, identity)
@@ -173,14 +181,15 @@ class ExecutionActor(DeferredReplyActor):
         handler = _HANDLERS.get(type(message))
         if handler is None:
             raise InvalidInput(f"execution {self.identity.execution_id} cannot take the message {message!r}")
-        if self.broken is not None and type(message) not in _TAKEN_WHEN_BROKEN:
-            return None  # its late news: the salvage ends the execution without it
+        if self.salvage is not None:
+            # Other news is late: the salvage ends the execution without it.
+            handler = _SALVAGE_HANDLERS.get(type(message), _ignore)
         try:
             return handler(self, message)
         except self.refusals:
             raise
         except Exception as exc:  # noqa: BLE001 - a bug of ours must not leave the execution RUNNING
-            if self.broken is not None:
+            if self.salvage is not None:
                 raise  # the salvage itself broke: pykka stops the actor (see on_failure)
             self.log.error("handling %s failed; ending the execution FAILED", type(message).__name__,
                            exc_info=True)
@@ -208,7 +217,7 @@ class ExecutionActor(DeferredReplyActor):
         own_id = self.identity.execution_id
         if self.final_status is not None:
             return Promise.resolved(StopAck(execution_id=own_id, already_final=(own_id,)))
-        if self.natural is not None or self.broken is not None:
+        if self.natural is not None or self.salvage is not None:
             # Its final write is in flight: answer once it is committed.
             waiter: Promise[StopAck] = Promise()
             self.stop_waiters += (waiter,)
@@ -378,15 +387,21 @@ class ExecutionActor(DeferredReplyActor):
             return
         self.log.warning("children %s stopped without ending; writing their subtrees", sorted(gone))
         ending.force_children(gone)
-        # Their own children are live and would run on, spawning under
-        # rows we write TERMINATED: they end too (their writes then find
-        # their rows terminal), and nobody waits for their answers.
-        orphaned = CascadeStop(reason=ending.reason, deadline=ending.deadline)
-        for child_id in gone:
-            self.host.live.remove(child_id)
-            for orphan in self.host.live.children_of(child_id):
-                _tell(orphan, orphaned)
+        self._end_orphans(gone, ending)
         self._maybe_submit()
+
+    def _end_orphans(self, dead_children: Iterable[str], ending: Ending) -> None:
+        """Children whose actors stopped without ending leave the registry, and the live actors under them end.
+
+        Those would run on, spawning under rows we write TERMINATED: they
+        end too (their writes then find their rows terminal), and nobody
+        waits for their answers.
+        """
+        orphaned = CascadeStop(reason=ending.reason, deadline=ending.deadline)
+        for child_id in dead_children:
+            self.host.live.remove(child_id)
+            for orphan in self.host.live.children_of(child_id).values():
+                _tell(orphan, orphaned)
 
     def _force_nodes(self, ending: Ending) -> None:
         """At the deadline: own work still running is terminated anyway; its late results are dropped.
@@ -527,46 +542,98 @@ class ExecutionActor(DeferredReplyActor):
     # -- a broken turn --------------------------------------------------------------
 
     def _salvage(self, error: str) -> Promise[StopAck]:
-        """A handler of ours raised: end FAILED by a path that needs nobody else.
+        """A handler of ours raised: end FAILED, trusting only what is sure.
 
-        The turn stopped half-way, so this trusts none of the actor's
-        bookkeeping beyond its own id. One write, queued behind this turn's
-        writes and any final write already queued (the writer is FIFO; a
-        child inserted in the broken turn is then in the subtree), ends
-        every active descendant TERMINATED and this execution FAILED. The
-        parent hears ChildWriteQueued now and ChildEnded after the commit,
-        as from any ending, so it never waits for a grace; a stop asked
-        meanwhile is answered then. The live children are stopped at once
-        (their writes then find their rows terminal); nobody waits for them.
-        Before this, pykka stopped the actor and its rows stayed RUNNING
-        until a stop or close() wrote them.
+        The turn stopped half-way, so the actor's own bookkeeping (nodes,
+        children, an ending in progress) may be wrong. The salvage is an
+        ``Ending`` of its own, built from what does not depend on it: the
+        live children are those in the runtime's registry, and our nodes'
+        handles are only cancelled. Each child is told to stop at once, and
+        our write follows theirs as in any ending: no reader sees this
+        execution terminal while a child of it is active, and a child busy
+        spawning when the turn broke ends what it spawned first. A child
+        whose actor has stopped, or that is still silent CHILD_GRACE_LIMIT
+        after, is written TERMINATED with its subtree by us, as in a stop.
+        Our write (our nodes, then this execution FAILED) also follows any
+        final write of ours queued before the break. The parent
+        hears ChildWriteQueued and ChildEnded, as from any ending; a stop
+        asked meanwhile is answered with the salvage's ack.
         """
-        self.broken = error
+        own_id = self.identity.execution_id
         self.halted.set()
-        self._flush()
+        self._flush()  # the broken turn's writes first: a child it inserted is then in the registry and the database
         for state in self.nodes.values():
             # Timers and queued pool work; a running block sees stop_event.
             if state.status is NodeStatus.RUNNING and state.handle is not None and not isinstance(state.handle, str):
                 state.handle.cancel()
-        own_id = self.identity.execution_id
-        now = utcnow()
-        after = () if self.final_write is None else (self.final_write,)
-        write = self.host.store.submit(
-            TerminateSubtree(execution_id=own_id, reason=f"execution {own_id} failed", at=now, forced=True,
-                             include_root=False),
-            MoveNodes(execution_id=own_id, node_ids=None, target=ExecutionStatus.TERMINATED, at=now),
-            MoveExecutions(ids=(own_id,), target=ExecutionStatus.FAILED, at=now, error=error),
-            after=after)
-        write.add_done_callback(functools.partial(_salvage_written, self.actor_ref))
-        self._tell_parent(ChildWriteQueued(child_id=own_id, write=write))
-        stopped = CascadeStop(reason=f"execution {own_id} failed", deadline=time.monotonic())
-        for child in self.host.live.children_of(own_id):
-            _tell(child, stopped)
+        now = time.monotonic()
+        ending = Ending(own_id, status=ExecutionStatus.FAILED, reason=f"execution {own_id} failed", deadline=now,
+                        error=error)
+        salvage = self.salvage = Salvage(ending=ending, children=self.host.live.children_of(own_id))
+        ending.wait_for((), salvage.children)
+        stop = CascadeStop(reason=ending.reason, deadline=now)
+        for ref in salvage.children.values():
+            _tell(ref, stop)
+        if ending.pending_children:
+            self._arm_salvage_grace(ending, CHILD_GRACE)
+        self._maybe_submit_salvage(salvage)
         waiter: Promise[StopAck] = Promise()
         self.stop_waiters += (waiter,)
         return waiter
 
+    def _arm_salvage_grace(self, ending: Ending, grace: float) -> None:
+        message = DeadlinePassed(deadline=ending.deadline, grace=grace)
+        ending.timer = self.host.timers.call_at(ending.deadline + grace,
+                                                functools.partial(_tell, self.actor_ref, message),
+                                                priority=self.identity.depth)
+
+    def _on_salvage_grace(self, message: DeadlinePassed) -> None:
+        """As _look_at_silent_children: a stopped child never answers; a live one gets up to CHILD_GRACE_LIMIT."""
+        salvage = self.salvage
+        assert salvage is not None
+        ending = salvage.ending
+        if ending.submitted or message.deadline != ending.deadline:
+            return  # our parent's deadline, or too late to matter
+        silent = tuple(ending.pending_children)
+        dead = tuple(child_id for child_id in silent if not salvage.children[child_id].is_alive())
+        gone = silent if message.grace >= CHILD_GRACE_LIMIT else dead
+        if gone:
+            self.log.warning("children %s did not end; writing their subtrees", sorted(gone))
+            ending.force_children(gone)
+            self._end_orphans(dead, ending)
+        if ending.pending_children:
+            self._arm_salvage_grace(ending, min(2 * message.grace + CHILD_GRACE, CHILD_GRACE_LIMIT))
+        self._maybe_submit_salvage(salvage)
+
+    def _on_salvage_child_write_queued(self, message: ChildWriteQueued) -> None:
+        salvage = self.salvage
+        assert salvage is not None
+        salvage.ending.child_write_queued(message.child_id, message.write)
+        self._maybe_submit_salvage(salvage)
+
+    def _on_salvage_child_ended(self, message: ChildEnded) -> None:
+        salvage = self.salvage
+        assert salvage is not None
+        salvage.ending.child_ended(message)
+        self._maybe_submit_salvage(salvage)
+        self._maybe_acknowledge_salvage(salvage)
+
+    def _maybe_submit_salvage(self, salvage: Salvage) -> None:
+        ending = salvage.ending
+        if not ending.ready_to_submit():
+            return
+        if ending.timer is not None:
+            ending.timer.cancel()
+        own_id = self.identity.execution_id
+        final = ending.final_write()
+        after = final.after if self.final_write is None else (*final.after, self.final_write)
+        write = self.host.store.submit(*final.ops, after=after)
+        write.add_done_callback(functools.partial(_salvage_written, self.actor_ref))
+        self._tell_parent(ChildWriteQueued(child_id=own_id, write=write))
+
     def _on_salvage_committed(self, message: SalvageCommitted) -> None:
+        salvage = self.salvage
+        assert salvage is not None
         if message.error is not None:
             # Not about connectivity (the writer retries that), so writing
             # again fails again: as for a failed ending (_ending_committed),
@@ -577,8 +644,15 @@ class ExecutionActor(DeferredReplyActor):
             self.host.on_halted(self.identity)
             self.stop_in_turn()
             return
-        status, outputs, error, stop_reason = ExecutionStatus.FAILED, None, self.broken, None
-        if not message.own_moved:
+        salvage.ending.committed(message.results)
+        self._maybe_acknowledge_salvage(salvage)
+
+    def _maybe_acknowledge_salvage(self, salvage: Salvage) -> None:
+        ending = salvage.ending
+        if not ending.ready_to_acknowledge():
+            return
+        status, outputs, error, stop_reason = ExecutionStatus.FAILED, None, ending.error, None
+        if not ending.persisted:
             # A final write queued before the break committed first: report what it wrote.
             if self.natural is not None:
                 status, outputs, error = self.natural.status, self.natural.outputs, self.natural.error
@@ -588,7 +662,7 @@ class ExecutionActor(DeferredReplyActor):
         if self.ending is not None and self.ending.result.done():
             self.ending.asked = False  # answered before the break
         own_id = self.identity.execution_id
-        ack = AckTree(terminated=message.moved, already_final=(own_id,), forced=message.moved)
+        ack = ending.acknowledgement()
         for waiter in self.stop_waiters:
             waiter.set_result(ack.flatten(own_id))
         self.stop_waiters = ()
@@ -925,11 +999,23 @@ _HANDLERS: dict[type, Callable[[ExecutionActor, Any], Any]] = {
     DeadlinePassed: ExecutionActor._on_deadline,
     ForceSilent: ExecutionActor._on_force_silent,
     Halt: ExecutionActor._on_halt,
-    SalvageCommitted: ExecutionActor._on_salvage_committed,
+    SalvageCommitted: ExecutionActor._on_salvage_committed,  # only ever sent while salvaging
 }
-# What a broken execution still handles: its salvage's commit, stops (answered
-# after it) and a lost lease. The rest is news the salvage no longer needs.
-_TAKEN_WHEN_BROKEN = frozenset({SalvageCommitted, Stop, Halt})
+# What a broken execution handles (see ExecutionActor._salvage): its
+# children's ends, its grace, its write's commit, stops (answered after it)
+# and a lost lease. Anything else is ignored.
+_SALVAGE_HANDLERS: dict[type, Callable[[ExecutionActor, Any], Any]] = {
+    Stop: ExecutionActor._on_stop,
+    ChildWriteQueued: ExecutionActor._on_salvage_child_write_queued,
+    ChildEnded: ExecutionActor._on_salvage_child_ended,
+    DeadlinePassed: ExecutionActor._on_salvage_grace,
+    SalvageCommitted: ExecutionActor._on_salvage_committed,
+    Halt: ExecutionActor._on_halt,
+}
+
+
+def _ignore(actor: ExecutionActor, message: Any) -> None:
+    return None
 
 
 def _then(promise: Promise[Any], value: StopAck) -> Promise[StopAck]:
@@ -968,9 +1054,8 @@ def _salvage_written(ref: pykka.ActorRef, write: Promise[Any]) -> None:
     error = write.exception()
     if error is not None:
         _tell(ref, SalvageCommitted(error=str(error)))
-        return
-    moved, *_, own_moved = write.result()
-    _tell(ref, SalvageCommitted(moved=tuple(moved), own_moved=bool(own_moved)))
+    else:
+        _tell(ref, SalvageCommitted(results=tuple(write.result())))
 
 
 def _tell(ref: pykka.ActorRef, message: Any) -> None:

@@ -80,10 +80,10 @@ class LiveActors:
         with self._lock:
             return len(self._refs)
 
-    def children_of(self, parent_id: str) -> list[pykka.ActorRef]:
-        """The live actors whose parent is ``parent_id`` (a scan: for the rare actor that failed)."""
+    def children_of(self, parent_id: str) -> dict[str, pykka.ActorRef]:
+        """Id -> ActorRef of the live executions whose parent is ``parent_id`` (a scan: for the rare broken actor)."""
         with self._lock:
-            return [self._refs[i] for i, identity in self._identities.items() if identity.parent_id == parent_id]
+            return {i: self._refs[i] for i, identity in self._identities.items() if identity.parent_id == parent_id}
 
     def tops(self) -> list[tuple[Identity, pykka.ActorRef]]:
         """Live executions whose parent is not live here: where a cascade must start."""

@@ -216,14 +216,11 @@ class SalvageCommitted:
     """The writer's answer to the write that ends a broken execution FAILED (see ExecutionActor._salvage).
 
     Attributes:
-        moved: descendants it moved to TERMINATED, when it committed.
-        own_moved: whether it moved the execution's own row (False: a final
-            write queued before it had already ended the row).
+        results: the results of its operations, in order, when it committed.
         error: why it was not written, when it was not.
     """
 
-    moved: tuple[str, ...] = ()
-    own_moved: bool = False
+    results: tuple[Any, ...] = ()
     error: str | None = None
 
 

@@ -174,3 +174,34 @@ def test_an_actor_whose_salvage_breaks_too_is_written_with_its_subtree_by_its_pa
     assert set(observer.subtree_statuses(root).values()) == {"TERMINATED"}
     assert [r for r in caplog.records if "stopped without ending" in r.getMessage() and middle in r.getMessage()]
     wait_until(lambda: rt.live_count == 0, what="the actors below the failed one gone too")
+
+
+def test_a_broken_execution_writes_a_child_whose_actor_broke_for_good(
+        runtime_factory, observer, monkeypatch):
+    # The middle execution's turn breaks while its child's actor is gone
+    # (its turn and its salvage broke): the middle waits for its live
+    # children, finds this one stopped after the grace, and writes it.
+    monkeypatch.setattr(execution, "CHILD_GRACE", 0.05)
+    rt = runtime_factory(g.graphs(nap=g.sleeper(), middle=with_agent_and_nap(0.5), top=g.agents("middle", 1)))
+    root = rt.start("top", user_id=USER)
+    rows = wait_tree_running(observer, root, executions=3, naps=1)
+    middle = next(r["id"] for r in rows if r["graph_id"] == "middle")
+    child = next(r["id"] for r in rows if r["graph_id"] == "nap")
+    break_handler(monkeypatch, CascadeStop, lambda actor: actor.identity.execution_id == child)
+    salvage = execution.ExecutionActor._salvage
+
+    def salvage_breaks(actor: execution.ExecutionActor, error: str) -> Any:
+        if actor.identity.execution_id == child:
+            raise RuntimeError("the salvage broke too")
+        return salvage(actor, error)
+
+    monkeypatch.setattr(execution.ExecutionActor, "_salvage", salvage_breaks)
+    # The child's actor stops at the cascade from its parent's salvage,
+    # which starts when the middle's short nap ends and its turn breaks.
+    break_handler(monkeypatch, NodeFinished, lambda actor: actor.identity.execution_id == middle)
+
+    wait_status(observer, root, "FAILED")
+    assert observer.subtree_statuses(root) == {root: "FAILED", middle: "FAILED", child: "TERMINATED"}
+    assert observer.execution(child)["stop_forced"]
+    assert_nothing_active(observer, root)
+    wait_until(lambda: rt.live_count == 0, what="every actor gone, the broken child's included")
