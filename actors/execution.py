@@ -178,12 +178,11 @@ class ExecutionActor(DeferredReplyActor):
         return super()._handle_receive(message)
 
     def on_receive(self, message: Any) -> Any:
-        handler = _HANDLERS.get(type(message))
+        handler = (_HANDLERS if self.salvage is None else _SALVAGE_HANDLERS).get(type(message))
         if handler is None:
+            if self.salvage is not None and type(message) in _HANDLERS:
+                return None  # late news: the salvage ends the execution without it
             raise InvalidInput(f"execution {self.identity.execution_id} cannot take the message {message!r}")
-        if self.salvage is not None:
-            # Other news is late: the salvage ends the execution without it.
-            handler = _SALVAGE_HANDLERS.get(type(message), _ignore)
         try:
             return handler(self, message)
         except self.refusals:
@@ -999,11 +998,10 @@ _HANDLERS: dict[type, Callable[[ExecutionActor, Any], Any]] = {
     DeadlinePassed: ExecutionActor._on_deadline,
     ForceSilent: ExecutionActor._on_force_silent,
     Halt: ExecutionActor._on_halt,
-    SalvageCommitted: ExecutionActor._on_salvage_committed,  # only ever sent while salvaging
 }
 # What a broken execution handles (see ExecutionActor._salvage): its
 # children's ends, its grace, its write's commit, stops (answered after it)
-# and a lost lease. Anything else is ignored.
+# and a lost lease. Any other message of _HANDLERS is ignored.
 _SALVAGE_HANDLERS: dict[type, Callable[[ExecutionActor, Any], Any]] = {
     Stop: ExecutionActor._on_stop,
     ChildWriteQueued: ExecutionActor._on_salvage_child_write_queued,
@@ -1012,10 +1010,6 @@ _SALVAGE_HANDLERS: dict[type, Callable[[ExecutionActor, Any], Any]] = {
     SalvageCommitted: ExecutionActor._on_salvage_committed,
     Halt: ExecutionActor._on_halt,
 }
-
-
-def _ignore(actor: ExecutionActor, message: Any) -> None:
-    return None
 
 
 def _then(promise: Promise[Any], value: StopAck) -> Promise[StopAck]:
