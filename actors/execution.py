@@ -1073,5 +1073,14 @@ def _run_user_block(spec: BlockSpec, context: BlockContext, inputs: dict[str, An
         return NodeFinished(node_id=context.node_id, outputs=dict(outputs))
     except BaseException as exc:  # noqa: BLE001 - any block failure fails the node, by message
         # BaseException too: sys.exit() in a block raises SystemExit on this
-        # pool thread, and escaping here it left the node RUNNING for good.
-        return NodeFinished(node_id=context.node_id, error=f"{type(exc).__name__}: {exc}")
+        # pool thread. Whatever escapes here never reaches the actor (the
+        # future's callback only logs it) and leaves the node RUNNING for good.
+        return NodeFinished(node_id=context.node_id, error=_describe(exc))
+
+
+def _describe(error: BaseException) -> str:
+    """``Type: message``, even for an error whose message cannot be read (its ``__str__`` raises)."""
+    try:
+        return f"{type(error).__name__}: {error}"
+    except Exception:  # noqa: BLE001 - the user's __str__: any error in it
+        return f"{type(error).__name__} (its message could not be read)"

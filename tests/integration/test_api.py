@@ -198,6 +198,26 @@ def test_user_block_error_fails_the_execution(runtime_factory, observer, error):
     assert [(n["node_id"], n["status"]) for n in observer.nodes(root)] == [("b", "FAILED")]
 
 
+class Unreadable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("this error's message cannot be read")
+
+
+def test_a_block_error_whose_message_cannot_be_read_still_fails_the_execution(runtime_factory, observer):
+    # Reading the message raised in the block's runner, which then left the
+    # node and execution RUNNING for good.
+    def broken(ctx):
+        raise Unreadable()
+
+    rt = runtime_factory(g.graphs(bad={"nodes": {"b": {"block": "broken"}}}), blocks={"broken": (broken, (), ())})
+    root = rt.start("bad", user_id=USER)
+
+    wait_status(observer, root, *TERMINAL_STATUSES)
+
+    row = observer.execution(root)
+    assert row["status"] == "FAILED" and "Unreadable (its message could not be read)" in row["error"]
+
+
 INVALID = {
     "unknown block": ({"g1": {"nodes": {"n1": {"block": "teleport"}}}}, ("g1", "n1", "teleport")),
     "link to unknown node": (
