@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from actors.errors import InvalidGraph
 from actors.flag import Flag
@@ -66,8 +66,20 @@ class BlockContext:
         return self.stop_event.is_set()
 
 
-def _ports(names: tuple[str, ...] | list[str] | None) -> frozenset[str] | None:
-    return None if names is None else frozenset(names)
+def _ports(block: str, kind: str, names: Any) -> frozenset[str] | None:
+    """Declared port names: None (undeclared), or an iterable of non-empty strings.
+
+    A bare string is refused: ``inputs="url"`` would declare ports u, r and l.
+    """
+    if names is None:
+        return None
+    if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
+        raise InvalidGraph(f"block {block!r}: {kind} must be a list of port names, not {names!r}")
+    ports = tuple(names)
+    bad = [name for name in ports if not isinstance(name, str) or not name]
+    if bad:
+        raise InvalidGraph(f"block {block!r}: {kind} port names must be non-empty strings, not {bad!r}")
+    return frozenset(ports)
 
 
 BUILTIN_BLOCKS: dict[str, BlockSpec] = {
@@ -95,7 +107,8 @@ def user_block(name: str, fn: Callable[..., Mapping[str, Any]], inputs: Any = No
         raise InvalidGraph(f"block {name!r} is built in and cannot be replaced")
     if not callable(fn):
         raise InvalidGraph(f"block {name!r}: {fn!r} is not callable")
-    return BlockSpec(name=name, kind=BlockKind.POOL, inputs=_ports(inputs), outputs=_ports(outputs), fn=fn)
+    return BlockSpec(name=name, kind=BlockKind.POOL, inputs=_ports(name, "inputs", inputs),
+                     outputs=_ports(name, "outputs", outputs), fn=fn)
 
 
 def run_inline(block: str, inputs: Mapping[str, Any], execution_inputs: Mapping[str, Any]) -> dict[str, Any]:

@@ -87,10 +87,16 @@ class Catalog:
         return Bundle(version=version, graph_id=graph_id, definition=definition, graphs=graphs)
 
 
-def check_submission(bundle: Bundle, inputs: Any) -> str:
-    """The inputs as stored JSON, if they fit the graph's ``input`` nodes; else InvalidInput."""
+def check_inputs(inputs: Any) -> dict[str, Any]:
+    """A root's inputs as a dict, if they are a mapping with string keys; else InvalidInput."""
     if not isinstance(inputs, Mapping) or not all(isinstance(key, str) for key in inputs):
         raise InvalidInput(f"inputs must be an object with string keys, not {inputs!r}")
+    return dict(inputs)
+
+
+def check_submission(bundle: Bundle, inputs: Any) -> str:
+    """The inputs as stored JSON, if they fit the graph's ``input`` nodes; else InvalidInput."""
+    inputs = check_inputs(inputs)
     graph = bundle.graphs[bundle.graph_id]
     wanted = {str(node.static["name"]) for node in graph.nodes.values()
               if node.block == "input" and "name" in node.static}

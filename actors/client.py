@@ -12,11 +12,11 @@ import os
 from typing import Any, Callable, Mapping
 
 from actors.catalog import Catalog
-from actors.messages import Stop, StopAck
+from actors.messages import Stop, StopAck, check_stop
 from actors.reader import Reader
 from actors.views import ExecutionViews
 from actors.watch import Watching
-from actors.remote import check_wait_timeout, owned_record, stop_elsewhere
+from actors.remote import owned_record, stop_elsewhere
 from actors.submit import submit_root
 from persistence import Store
 
@@ -64,7 +64,7 @@ class Client(ExecutionViews):
         InvalidInput, NotFound, PermissionDenied, StopTimeout or DatabaseError
         as Runtime.stop does.
         """
-        check_wait_timeout(wait_timeout)
+        check_stop(wait_timeout, cascade, reason)
         record = owned_record(self._store, execution_id, user_id)
         return stop_elsewhere(self._store, record, Stop(user_id=user_id, cascade=cascade, reason=reason,
                                                         wait_timeout=float(wait_timeout)))

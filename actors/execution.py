@@ -52,7 +52,7 @@ from actors.messages import (
     Stop,
     StopAck,
     WriteFailed,
-    check_wait_timeout,
+    check_stop,
 )
 from actors.supervision import CHILD_GRACE, CHILD_GRACE_LIMIT, Ending
 from persistence import (
@@ -212,7 +212,7 @@ class ExecutionActor(DeferredReplyActor):
             raise PermissionDenied(
                 f"user {stop.user_id!r} may not stop execution {self.identity.execution_id}: "
                 "it belongs to another user")
-        check_wait_timeout(stop.wait_timeout)
+        check_stop(stop.wait_timeout, stop.cascade, stop.reason)
         own_id = self.identity.execution_id
         if self.final_status is not None:
             return Promise.resolved(StopAck(execution_id=own_id, already_final=(own_id,)))

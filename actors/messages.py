@@ -36,11 +36,24 @@ class Stop:
     wait_timeout: float = 15.0
 
 
-def check_wait_timeout(wait_timeout: object) -> None:
-    """A number of seconds >= 0 (0: force everything at once), else InvalidInput."""
+def check_wait_timeout(wait_timeout: object, name: str = "wait_timeout") -> None:
+    """A finite number of seconds >= 0 (0: force everything at once), else InvalidInput naming ``name``."""
     if (not isinstance(wait_timeout, (int, float)) or isinstance(wait_timeout, bool)
             or not 0 <= wait_timeout < float("inf")):
-        raise InvalidInput(f"wait_timeout must be a number of seconds >= 0, not {wait_timeout!r}")
+        raise InvalidInput(f"{name} must be a number of seconds >= 0, not {wait_timeout!r}")
+
+
+def check_stop(wait_timeout: object, cascade: object, reason: object) -> None:
+    """What a stop is asked with, checked before anything changes; else InvalidInput.
+
+    ``cascade`` must be a real bool: ``cascade="no"`` would otherwise read as
+    True and stop the whole subtree.
+    """
+    check_wait_timeout(wait_timeout)
+    if not isinstance(cascade, bool):
+        raise InvalidInput(f"cascade must be True or False, not {cascade!r}")
+    if not isinstance(reason, str):
+        raise InvalidInput(f"reason must be a string, not {reason!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

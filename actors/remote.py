@@ -15,7 +15,7 @@ import time
 from typing import Any, Callable
 
 from actors.errors import StopTimeout
-from actors.messages import Stop, StopAck, check_wait_timeout
+from actors.messages import Stop, StopAck, check_stop
 from persistence import (
     DatabaseError,
     ExecutionRecord,
@@ -48,7 +48,7 @@ def stop_execution(database: str | None, execution_id: str, user_id: str, *, cas
     it starts: it persists the stop request first, so that a crashed tree it
     then recovers ends TERMINATED, not FAILED.
     """
-    check_wait_timeout(wait_timeout)
+    check_stop(wait_timeout, cascade, reason)
     store = Store.open(database)
     try:
         record = owned_record(store, execution_id, user_id)

@@ -17,17 +17,17 @@ from typing import Any, Callable, Literal, Mapping, overload
 import pykka
 
 from actors.admission import Admission, QueuedRoot
-from actors.catalog import Bundle, Catalog
+from actors.catalog import Bundle, Catalog, check_inputs
 from actors.dispatch import Dispatcher
 from actors.errors import InvalidInput, StopTimeout
 from actors.execution import ExecutionActor
 from actors.host import Ended, Host, LiveActors
 from actors.logs import Identity
-from actors.messages import Begin, Halt, Stop, StopAck
+from actors.messages import Begin, Halt, Stop, StopAck, check_stop, check_wait_timeout
 from actors.reader import Reader
 from actors.views import ExecutionViews
 from actors.watch import Watching
-from actors.remote import StopWatcher, check_wait_timeout, owned_record, stop_elsewhere
+from actors.remote import StopWatcher, owned_record, stop_elsewhere
 from actors.submit import submit_root
 from actors.worker import Claimer
 from actors.supervision import CHILD_GRACE_LIMIT
@@ -107,11 +107,18 @@ class Runtime(ExecutionViews):
                  max_running_per_graph: int | None = None, max_depth: int = 32,
                  block_workers: int = 32, failure_timeout: float = 15.0, actor_threads: int = 1,
                  switch_interval: float | None = None, worker: bool = False, concurrency: int = 4) -> None:
+        # Every argument is checked before anything is opened: a bad one leaves no thread or connection behind.
         if not isinstance(max_depth, int) or isinstance(max_depth, bool) or max_depth < 0:
             raise InvalidInput(f"max_depth must be a non-negative integer, not {max_depth!r}")
-        for name, value in (("actor_threads", actor_threads), ("concurrency", concurrency)):
+        for name, value in (("actor_threads", actor_threads), ("concurrency", concurrency),
+                            ("block_workers", block_workers)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidInput(f"{name} must be a positive integer, not {value!r}")
+        check_wait_timeout(failure_timeout, "failure_timeout")
+        if switch_interval is not None:
+            check_wait_timeout(switch_interval, "switch_interval")
+        if not isinstance(worker, bool):
+            raise InvalidInput(f"worker must be True or False, not {worker!r}")
         self._admission = Admission(max_running_per_user, max_running_per_graph)
         database = database or default_url()
         if worker and not is_postgresql(database):
@@ -124,10 +131,14 @@ class Runtime(ExecutionViews):
         self.runtime_id = str(uuid.uuid4())
         self._closed = False
         self._close_lock = threading.Lock()
-        # Executions of runtimes that died are ended before we take the database.
-        self._store.recover_lost()
-        self._store.write(RegisterRuntime(id=self.runtime_id, host=socket.gethostname(),
-                                          pid=os.getpid(), at=utcnow()))
+        try:
+            # Executions of runtimes that died are ended before we take the database.
+            self._store.recover_lost()
+            self._store.write(RegisterRuntime(id=self.runtime_id, host=socket.gethostname(),
+                                              pid=os.getpid(), at=utcnow()))
+        except BaseException:
+            self._store.close()  # its writer thread and connections: nothing else was made yet
+            raise
         # From here on every write holds this runtime's lease (its row).
         self.lease_lost = threading.Event()
         self._store.hold_lease(self.runtime_id, self._on_lease_lost)
@@ -183,10 +194,10 @@ class Runtime(ExecutionViews):
         bundle = self._catalog.bundle(graph_id)
         if not isinstance(user_id, str) or not user_id:
             raise InvalidInput(f"user_id must be a non-empty string, not {user_id!r}")
-        inputs = dict(inputs or {})
+        inputs = check_inputs({} if inputs is None else inputs)
         try:
             inputs_json = dumps(inputs)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise InvalidInput(f"inputs of graph {graph_id!r} cannot be stored: {exc}") from exc
         execution_id = str(uuid.uuid4())
         identity = Identity(execution_id=execution_id, parent_id=None, root_id=execution_id,
@@ -239,6 +250,7 @@ class Runtime(ExecutionViews):
 
     def wait(self, execution_id: str, timeout: float = 10.0, user_id: str | None = None) -> ExecutionRecord:
         """Block until the execution is terminal in the database; raise TimeoutError after ``timeout``."""
+        check_wait_timeout(timeout, "timeout")
         deadline = time.monotonic() + timeout
         while True:
             record = self.get(execution_id, user_id=user_id)
@@ -278,7 +290,8 @@ class Runtime(ExecutionViews):
         running work may take to wind down; 0 forces everything at once.
 
         Raises:
-            InvalidInput: ``wait_timeout`` is negative or not a number.
+            InvalidInput: ``wait_timeout`` is negative or not a number, or
+                ``cascade``/``block`` is not a bool, or ``reason`` not a string.
             NotFound, PermissionDenied: nothing changes anywhere.
             DatabaseError: the database did not answer within ``wait_timeout``.
                 The subtree is halted in memory (nothing in it starts, running
@@ -286,7 +299,9 @@ class Runtime(ExecutionViews):
                 database answers, without another call.
             StopTimeout: another process did not end it in time.
         """
-        check_wait_timeout(wait_timeout)
+        check_stop(wait_timeout, cascade, reason)
+        if not isinstance(block, bool):
+            raise InvalidInput(f"block must be True or False, not {block!r}")
         stop = Stop(user_id=user_id, cascade=cascade, reason=reason, wait_timeout=float(wait_timeout))
         ref = self._host.live.get(execution_id)
         if ref is not None and block:
@@ -524,7 +539,7 @@ class Runtime(ExecutionViews):
 
         What still runs after ``timeout`` is stopped with a cascade by close().
         """
-        check_wait_timeout(timeout)
+        check_wait_timeout(timeout, "timeout")
         if self._claimer is not None:
             self._claimer.pause()
         logger.info("runtime %s drains: %d executions live, up to %gs", self.runtime_id,

@@ -18,6 +18,7 @@ from actors import (
     InvalidInput,
     NotFound,
     PermissionDenied,
+    Runtime,
     Stop,
     StopAck,
 )
@@ -127,6 +128,60 @@ def test_wait_raises_timeout_error_while_running(runtime_factory, observer):
         rt.wait(root, timeout=0.2)
 
     assert observer.status(root) in ("QUEUED", "RUNNING")
+
+
+BAD_RUNTIME_ARGUMENTS = {
+    "block_workers 0": ({"block_workers": 0}, "block_workers must be a positive integer"),
+    "failure_timeout negative": ({"failure_timeout": -1}, "failure_timeout must be a number of seconds"),
+    "failure_timeout nan": ({"failure_timeout": float("nan")}, "failure_timeout must be a number of seconds"),
+    "switch_interval negative": ({"switch_interval": -0.5}, "switch_interval must be a number of seconds"),
+    "worker not a bool": ({"worker": "yes"}, "worker must be True or False"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_RUNTIME_ARGUMENTS, ids=list(BAD_RUNTIME_ARGUMENTS))
+def test_a_bad_runtime_argument_is_invalid_input_and_opens_nothing(database_url, case):
+    kwargs, message = BAD_RUNTIME_ARGUMENTS[case]
+    threads_before = set(threading.enumerate())
+
+    with pytest.raises(InvalidInput, match=message):
+        Runtime(database=database_url, **kwargs)
+
+    assert [t.name for t in set(threading.enumerate()) - threads_before] == []
+
+
+def test_bad_arguments_to_start_wait_and_stop_are_invalid_input_and_change_nothing(runtime_factory, observer):
+    rt = runtime_factory(g.graphs(nap=g.sleeper()))
+    root = rt.start("nap", user_id=USER)
+    wait_tree_running(observer, root, executions=1, naps=1)
+    before = observer.snapshot()
+    calls = {
+        "start with a list for inputs": lambda: rt.start("nap", user_id=USER, inputs=[1, 2]),
+        "start with a non-string input name": lambda: rt.start("nap", user_id=USER, inputs={1: "x"}),
+        "wait with a negative timeout": lambda: rt.wait(root, timeout=-1),
+        "wait with a nan timeout": lambda: rt.wait(root, timeout=float("nan")),
+        # "no" would read as True and stop the whole subtree.
+        "stop with cascade='no'": lambda: rt.stop(root, user_id=USER, cascade="no"),
+        "stop with a non-string reason": lambda: rt.stop(root, user_id=USER, reason=5),
+        "stop with block='yes'": lambda: rt.stop(root, user_id=USER, block="yes"),
+        "ask a Stop with cascade=1": lambda: rt.actor(root).ask(Stop(user_id=USER, cascade=1), timeout=30),
+    }
+    for what, call in calls.items():
+        with pytest.raises(InvalidInput):
+            call()
+            pytest.fail(f"{what} was accepted")
+
+    assert observer.snapshot() == before
+    assert rt.stop(root, user_id=USER).terminated == (root,)
+
+
+@pytest.mark.parametrize("ports", [{"inputs": "url"}, {"outputs": b"body"}, {"inputs": ["url", ""]},
+                                   {"outputs": [None]}, {"inputs": 5}], ids=str)
+def test_register_block_refuses_bad_port_names(runtime_factory, ports):
+    rt = runtime_factory()
+    with pytest.raises(InvalidGraph, match="block 'fetch'"):
+        rt.register_block("fetch", lambda ctx, url=None: {}, **ports)
+    rt.register_block("fetch", lambda ctx, url=None: {}, inputs=("url",), outputs=["body"])  # nothing was half-added
 
 
 def test_register_block_gets_a_context(runtime_factory, observer):
