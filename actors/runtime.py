@@ -501,6 +501,7 @@ class Runtime(ExecutionViews):
         active in their rows, owned by this (now closed) runtime. The next
         runtime opened on the database, or ``run.py stop``, recovers them.
         """
+        check_wait_timeout(timeout, "timeout")
         with self._close_lock:
             if self._closed:
                 return

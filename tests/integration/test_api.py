@@ -165,6 +165,7 @@ def test_bad_arguments_to_start_wait_and_stop_are_invalid_input_and_change_nothi
         "stop with a non-string reason": lambda: rt.stop(root, user_id=USER, reason=5),
         "stop with block='yes'": lambda: rt.stop(root, user_id=USER, block="yes"),
         "ask a Stop with cascade=1": lambda: rt.actor(root).ask(Stop(user_id=USER, cascade=1), timeout=30),
+        "close with a negative timeout": lambda: rt.close(timeout=-1),
     }
     for what, call in calls.items():
         with pytest.raises(InvalidInput):
