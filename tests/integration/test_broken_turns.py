@@ -182,25 +182,24 @@ def test_a_broken_execution_writes_a_child_whose_actor_broke_for_good(
     # (its turn and its salvage broke): the middle waits for its live
     # children, finds this one stopped after the grace, and writes it.
     monkeypatch.setattr(execution, "CHILD_GRACE", 0.05)
-    rt = runtime_factory(g.graphs(nap=g.sleeper(), middle=with_agent_and_nap(0.5), top=g.agents("middle", 1)))
-    root = rt.start("top", user_id=USER)
-    rows = wait_tree_running(observer, root, executions=3, naps=1)
-    middle = next(r["id"] for r in rows if r["graph_id"] == "middle")
-    child = next(r["id"] for r in rows if r["graph_id"] == "nap")
-    break_handler(monkeypatch, CascadeStop, lambda actor: actor.identity.execution_id == child)
+    rt = runtime_factory(g.graphs(nap=g.sleeper(), middle=with_agent_and_nap(0.2), top=g.agents("middle", 1)))
+    # The child's actor stops at the cascade from its parent's salvage,
+    # which starts when the middle's short nap ends and its turn breaks.
+    break_handler(monkeypatch, CascadeStop, lambda actor: actor.identity.graph_id == "nap")
     salvage = execution.ExecutionActor._salvage
 
     def salvage_breaks(actor: execution.ExecutionActor, error: str) -> Any:
-        if actor.identity.execution_id == child:
+        if actor.identity.graph_id == "nap":
             raise RuntimeError("the salvage broke too")
         return salvage(actor, error)
 
     monkeypatch.setattr(execution.ExecutionActor, "_salvage", salvage_breaks)
-    # The child's actor stops at the cascade from its parent's salvage,
-    # which starts when the middle's short nap ends and its turn breaks.
-    break_handler(monkeypatch, NodeFinished, lambda actor: actor.identity.execution_id == middle)
+    break_handler(monkeypatch, NodeFinished, lambda actor: actor.identity.graph_id == "middle")
+    root = rt.start("top", user_id=USER)
 
     wait_status(observer, root, "FAILED")
+    rows = {r["graph_id"]: r["id"] for r in observer.subtree(root)}
+    middle, child = rows["middle"], rows["nap"]
     assert observer.subtree_statuses(root) == {root: "FAILED", middle: "FAILED", child: "TERMINATED"}
     assert observer.execution(child)["stop_forced"]
     assert_nothing_active(observer, root)
