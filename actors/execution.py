@@ -458,17 +458,9 @@ class ExecutionActor(DeferredReplyActor):
     def _submit_final(self, ops: Iterable[Operation], after: Iterable[Promise[Any]] = ()) -> None:
         write = self.host.store.submit(*ops, after=tuple(after))
         self.final_write = write
-        write.add_done_callback(self._final_write_done)
+        write.add_done_callback(functools.partial(_tell_outcome, self.actor_ref, FinalCommitted))
         if self.cascaded:
             self._tell_parent(ChildWriteQueued(child_id=self.identity.execution_id, write=write))
-
-    def _final_write_done(self, write: Promise[Any]) -> None:
-        """On the committing thread: only a message to ourselves."""
-        error = write.exception()
-        if error is not None:
-            self._tell_self(FinalCommitted(error=str(error)))
-        else:
-            self._tell_self(FinalCommitted(results=tuple(write.result())))
 
     def _on_final_committed(self, message: FinalCommitted) -> None:
         ending = self.ending
@@ -574,17 +566,11 @@ class ExecutionActor(DeferredReplyActor):
         for ref in salvage.children.values():
             _tell(ref, stop)
         if ending.pending_children:
-            self._arm_salvage_grace(ending, CHILD_GRACE)
+            self._arm(ending, ending.deadline, grace=CHILD_GRACE)
         self._maybe_submit_salvage(salvage)
         waiter: Promise[StopAck] = Promise()
         self.stop_waiters += (waiter,)
         return waiter
-
-    def _arm_salvage_grace(self, ending: Ending, grace: float) -> None:
-        message = DeadlinePassed(deadline=ending.deadline, grace=grace)
-        ending.timer = self.host.timers.call_at(ending.deadline + grace,
-                                                functools.partial(_tell, self.actor_ref, message),
-                                                priority=self.identity.depth)
 
     def _on_salvage_grace(self, message: DeadlinePassed) -> None:
         """As _look_at_silent_children: a stopped child never answers; a live one gets up to CHILD_GRACE_LIMIT."""
@@ -601,7 +587,7 @@ class ExecutionActor(DeferredReplyActor):
             ending.force_children(gone)
             self._end_orphans(dead, ending)
         if ending.pending_children:
-            self._arm_salvage_grace(ending, min(2 * message.grace + CHILD_GRACE, CHILD_GRACE_LIMIT))
+            self._arm(ending, ending.deadline, grace=min(2 * message.grace + CHILD_GRACE, CHILD_GRACE_LIMIT))
         self._maybe_submit_salvage(salvage)
 
     def _on_salvage_child_write_queued(self, message: ChildWriteQueued) -> None:
@@ -627,7 +613,7 @@ class ExecutionActor(DeferredReplyActor):
         final = ending.final_write()
         after = final.after if self.final_write is None else (*final.after, self.final_write)
         write = self.host.store.submit(*final.ops, after=after)
-        write.add_done_callback(functools.partial(_salvage_written, self.actor_ref))
+        write.add_done_callback(functools.partial(_tell_outcome, self.actor_ref, SalvageCommitted))
         self._tell_parent(ChildWriteQueued(child_id=own_id, write=write))
 
     def _on_salvage_committed(self, message: SalvageCommitted) -> None:
@@ -1043,13 +1029,13 @@ def _forward(source: Promise[StopAck] | None, target: Promise[StopAck]) -> None:
     source.add_done_callback(settle)
 
 
-def _salvage_written(ref: pykka.ActorRef, write: Promise[Any]) -> None:
-    """On the committing thread: tell the broken execution how its salvage went."""
+def _tell_outcome(ref: pykka.ActorRef, answer: type[FinalCommitted], write: Promise[Any]) -> None:
+    """On the committing thread: only a message to the actor whose final write (or salvage) this was."""
     error = write.exception()
     if error is not None:
-        _tell(ref, SalvageCommitted(error=str(error)))
+        _tell(ref, answer(error=str(error)))
     else:
-        _tell(ref, SalvageCommitted(results=tuple(write.result())))
+        _tell(ref, answer(results=tuple(write.result())))
 
 
 def _tell(ref: pykka.ActorRef, message: Any) -> None:

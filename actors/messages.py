@@ -225,16 +225,12 @@ class FinalCommitted:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SalvageCommitted:
+class SalvageCommitted(FinalCommitted):
     """The writer's answer to the write that ends a broken execution FAILED (see ExecutionActor._salvage).
 
-    Attributes:
-        results: the results of its operations, in order, when it committed.
-        error: why it was not written, when it was not.
+    The same fields as ``FinalCommitted``; a type of its own, because a
+    final write queued before the break may still answer with that one.
     """
-
-    results: tuple[Any, ...] = ()
-    error: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
