@@ -81,12 +81,16 @@ def test_a_root_whose_turn_breaks_frees_its_slot_and_a_stop_finds_it_final(
     assert observer.status(waiting) == "QUEUED"
 
     wait_status(observer, root, "FAILED")
+    # The queued root runs only once the broken root's actor has ended and
+    # let go of its slot: the stop then finds the root final in the database.
+    # (A stop that reaches the actor before is answered with the salvage's
+    # ack, which also names the child it terminated.)
+    wait_status(observer, waiting, "COMPLETED")
     ack = rt.stop(root, user_id=USER, wait_timeout=1.0)
 
     assert ack.already_final == (root,) and ack.terminated == ()
     assert set(observer.subtree_statuses(root).values()) == {"FAILED", "TERMINATED"}
     assert_nothing_active(observer, root)
-    wait_status(observer, waiting, "COMPLETED")
 
 
 def test_a_turn_that_breaks_after_its_final_write_reports_what_was_written(
