@@ -138,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("execution_id", metavar="EXEC_ID")
     stop.add_argument("--user", required=True)
     stop.add_argument("--no-cascade", action="store_true", help="stop only this execution")
-    stop.add_argument("--timeout", type=_positive(float), default=15.0, metavar="S",
-                      help="seconds running work has before it is terminated anyway (default 15)")
+    stop.add_argument("--timeout", type=_non_negative_float, default=15.0, metavar="S",
+                      help="seconds running work has before it is terminated anyway (default 15; "
+                           "0 terminates it at once)")
 
     serve = command("serve", "a local status page: runs, live trees, stop buttons (Ctrl-C ends it)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

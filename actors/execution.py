@@ -228,7 +228,7 @@ class ExecutionActor(DeferredReplyActor):
         # On record before the final write (the queue is FIFO): if this
         # process dies mid-stop, recovery ends the subtree TERMINATED.
         self._ops.append(RequestStop(execution_id=own_id, reason=stop.reason, cascade=stop.cascade,
-                                     at=utcnow(), by_host=self.host.runtime_id))
+                                     at=utcnow(), wait_timeout=stop.wait_timeout, by_host=self.host.runtime_id))
         ending = self._end(ExecutionStatus.TERMINATED, reason=stop.reason,
                            deadline=time.monotonic() + stop.wait_timeout, cascade=stop.cascade)
         ending.asked = True

@@ -16,6 +16,11 @@ from actors.errors import InvalidInput
 from persistence import ExecutionStatus, Promise
 
 
+# A stop's wait_timeout when none is given (a request written before schema
+# version 5 carries none either).
+DEFAULT_WAIT_TIMEOUT = 15.0
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Stop:
     """Ask an execution (and, with ``cascade``, its whole subtree) to end TERMINATED.
@@ -33,7 +38,7 @@ class Stop:
     user_id: str
     cascade: bool = True
     reason: str = "stopped by user"
-    wait_timeout: float = 15.0
+    wait_timeout: float = DEFAULT_WAIT_TIMEOUT
 
 
 def check_wait_timeout(wait_timeout: object, name: str = "wait_timeout") -> None:

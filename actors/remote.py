@@ -26,6 +26,7 @@ from persistence import (
     Promise,
     RequestStop,
     Store,
+    StopRequest,
     TerminateSubtree,
     TerminateUnclaimed,
     is_gone,
@@ -85,7 +86,10 @@ def stop_elsewhere(store: Store, record: ExecutionRecord, stop: Stop) -> StopAck
         return StopAck(execution_id=execution_id, already_final=already_final)
     # Persist first: whoever ends these rows from now on (the host, or a
     # recovery after the host died) ends them TERMINATED.
-    store.write(RequestStop(execution_id=execution_id, reason=stop.reason, cascade=stop.cascade, at=utcnow()))
+    # The request carries the wait_timeout: the host's actors force what runs
+    # past it, as a stop asked in that process would.
+    store.write(RequestStop(execution_id=execution_id, reason=stop.reason, cascade=stop.cascade, at=utcnow(),
+                            wait_timeout=stop.wait_timeout))
     deadline = time.monotonic() + stop.wait_timeout + GRACE
     while store.count_active(active):
         host = store.runtime_of(execution_id)
@@ -116,14 +120,14 @@ def _end_without_host(store: Store, execution_id: str, stop: Stop) -> None:
 class StopWatcher:
     """Polls (or LISTENs) for stop requests aimed at this runtime, and keeps its heartbeat."""
 
-    def __init__(self, store: Store, runtime_id: str,
-                 on_request: Callable[[str, str, bool, str], bool]) -> None:
+    def __init__(self, store: Store, runtime_id: str, on_request: Callable[[StopRequest], bool]) -> None:
         self._store = store
         self._runtime_id = runtime_id
         self._on_request = on_request
         # Requests already handed on (only this thread touches it): a
-        # request stays pending in the database until its subtree ends.
-        self._handed_on: set[str] = set()
+        # request stays pending in the database until its subtree ends. One
+        # that changed (a shorter wait_timeout, a cascade) is handed on again.
+        self._handed_on: set[StopRequest] = set()
         self._notices = store.stop_notices(runtime_id)
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="actorgraph-watcher", daemon=True)
@@ -148,11 +152,10 @@ class StopWatcher:
                     heartbeat = self._store.submit(Heartbeat(runtime_id=self._runtime_id, at=utcnow()))
                     next_heartbeat = time.monotonic() + HEARTBEAT_EVERY
                 pending = self._store.pending_stops(self._runtime_id)
-                self._handed_on &= {request[0] for request in pending}
-                for execution_id, user_id, cascade, reason in pending:
-                    if execution_id not in self._handed_on and self._on_request(
-                            execution_id, user_id, cascade, reason):
-                        self._handed_on.add(execution_id)
+                self._handed_on.intersection_update(pending)
+                for request in pending:
+                    if request not in self._handed_on and self._on_request(request):
+                        self._handed_on.add(request)
             except DatabaseError as exc:
                 # The reads already retried; the outage is logged once, by them.
                 logger.debug("stop watcher poll failed (runtime %s): %s", self._runtime_id, exc)

@@ -23,7 +23,7 @@ from actors.errors import InvalidInput, StopTimeout
 from actors.execution import ExecutionActor
 from actors.host import Ended, Host, LiveActors
 from actors.logs import Identity
-from actors.messages import Begin, Halt, Stop, StopAck, check_stop, check_wait_timeout
+from actors.messages import DEFAULT_WAIT_TIMEOUT, Begin, Halt, Stop, StopAck, check_stop, check_wait_timeout
 from actors.reader import Reader
 from actors.views import ExecutionViews
 from actors.watch import Watching
@@ -42,6 +42,7 @@ from persistence import (
     NotFound,
     RegisterRuntime,
     Store,
+    StopRequest,
     UnregisterRuntime,
     default_url,
     dumps,
@@ -410,10 +411,17 @@ class Runtime(ExecutionViews):
             return StopAck(execution_id=root.execution_id, terminated=moved)
         return StopAck(execution_id=root.execution_id, already_final=(root.execution_id,))
 
-    def _on_stop_request(self, execution_id: str, user_id: str, cascade: bool, reason: str) -> bool:
-        """On the watcher thread: another process asked to stop something we host; True if handed on."""
+    def _on_stop_request(self, request: StopRequest) -> bool:
+        """On the watcher thread: another process asked to stop something we host; True if handed on.
+
+        The stop has the requester's wait_timeout: our actors force what runs
+        past it, as for a stop asked here.
+        """
+        execution_id = request.execution_id
         ref = self._host.live.get(execution_id)
-        stop = Stop(user_id=user_id, cascade=cascade, reason=reason)
+        wait_timeout = DEFAULT_WAIT_TIMEOUT if request.wait_timeout is None else request.wait_timeout
+        stop = Stop(user_id=request.user_id, cascade=request.cascade, reason=request.reason,
+                    wait_timeout=wait_timeout)
         if ref is not None:
             try:
                 ref.ask(stop, block=False)

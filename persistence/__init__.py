@@ -13,7 +13,7 @@ from persistence.errors import (
     PermissionDenied,
     TransitionRejected,
 )
-from persistence.records import ExecutionRecord, NodeRecord, dumps, loads
+from persistence.records import ExecutionRecord, NodeRecord, StopRequest, dumps, loads
 from persistence.schema import LATEST_VERSION, current_version
 from persistence.status import ACTIVE, TERMINAL, TRANSITIONS, ExecutionStatus, can_transition, sources_of
 from persistence.store import Store, forget_runtime, is_gone, pid_alive
@@ -40,7 +40,7 @@ __all__ = [
     # Status machine
     "ExecutionStatus", "TRANSITIONS", "TERMINAL", "ACTIVE", "can_transition", "sources_of",
     # Records
-    "ExecutionRecord", "NodeRecord", "dumps", "loads",
+    "ExecutionRecord", "NodeRecord", "StopRequest", "dumps", "loads",
     # The store and its write operations
     "Store", "Promise", "Operation", "InsertExecution", "MoveExecutions", "InsertNodes", "NodeRow", "MoveNodes",
     "RequestStop", "TerminateSubtree", "RegisterRuntime", "Heartbeat", "UnregisterRuntime",

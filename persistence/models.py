@@ -44,6 +44,12 @@ class GraphExecution(_Model):
     stop_forced = peewee.BooleanField(default=False)
     # Added in schema version 3: the stored graph version (graph_version.version) it runs.
     graph_version = peewee.CharField(max_length=64, null=True)
+    # Added in schema version 5: the seconds a stop request lets running work
+    # wind down (the hosting runtime applies it; of several, the shortest),
+    # and the runtime that asked, when it hosts the row itself (its actor has
+    # the stop already: its own stop watcher leaves the request alone).
+    stop_wait_timeout = peewee.DoubleField(null=True)
+    stop_requested_by = peewee.CharField(null=True)
 
     class Meta:
         table_name = "graph_execution"

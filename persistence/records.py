@@ -41,6 +41,21 @@ class ExecutionRecord:
 
 
 @dataclasses.dataclass(frozen=True)
+class StopRequest:
+    """A pending stop request on an execution that a runtime hosts (``Store.pending_stops``).
+
+    ``wait_timeout`` is None for a request written before schema version 5,
+    which did not record it.
+    """
+
+    execution_id: str
+    user_id: str
+    cascade: bool
+    reason: str
+    wait_timeout: float | None
+
+
+@dataclasses.dataclass(frozen=True)
 class NodeRecord:
     """One node of a graph execution, as committed."""
 

@@ -12,6 +12,12 @@ Version 4: the index on ``runtime_id`` becomes one on ``(runtime_id, status)``.
            rows with a stop request; with ``runtime_id`` alone SQLite read
            every row the runtime ever hosted (11 to 17 ms per poll at
            100,000: benchmarks/stop_poll.py).
+Version 5: a stop request carries its ``wait_timeout`` to the hosting runtime
+           (``stop_wait_timeout``), and names the runtime that asked when it
+           hosts the row itself (``stop_requested_by``). Before, the host
+           applied 15 s to every request from elsewhere, and its own stop
+           watcher handed its own requests back to it with 15 s, cutting a
+           longer ``wait_timeout`` short.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ from persistence.models import MODELS, GraphVersionRow, RuntimeRow, SchemaVersio
 
 logger = logging.getLogger(__name__)
 
-LATEST_VERSION = 4
+LATEST_VERSION = 5
 
 # The name peewee gives the (runtime_id, status) index of models.py, which
 # the migration to version 4 creates under the same name.
@@ -62,8 +68,13 @@ def _to_version_4(database: peewee.Database) -> None:
     database.execute_sql(f"CREATE INDEX {RUNTIME_STATUS_INDEX} ON graph_execution (runtime_id, status)")
 
 
+def _to_version_5(database: peewee.Database) -> None:
+    database.execute_sql("ALTER TABLE graph_execution ADD COLUMN stop_wait_timeout DOUBLE PRECISION")
+    database.execute_sql("ALTER TABLE graph_execution ADD COLUMN stop_requested_by VARCHAR(255)")
+
+
 MIGRATIONS: dict[int, Callable[[peewee.Database], None]] = {
-    2: _to_version_2, 3: _to_version_3, 4: _to_version_4}
+    2: _to_version_2, 3: _to_version_3, 4: _to_version_4, 5: _to_version_5}
 
 
 def current_version(database: peewee.Database) -> int:

@@ -23,7 +23,7 @@ from persistence.errors import DatabaseError
 from persistence.notifications import CLAIM_CHANNEL, STATUS_CHANNEL, Notices, stop_channel
 from persistence.outage import Backoff, Outage
 from persistence.promise import Promise
-from persistence.records import ExecutionRecord, NodeRecord, loads
+from persistence.records import ExecutionRecord, NodeRecord, StopRequest, loads
 from persistence.schema import LATEST_VERSION, current_version, ensure_schema
 from persistence.status import ACTIVE, ExecutionStatus
 from persistence.writer import Writer
@@ -37,11 +37,13 @@ _ACTIVE = tuple(sorted(s.value for s in ACTIVE))
 
 # The stop watcher's poll, ten times a second: its runtime's active rows with
 # a stop request (the index on (runtime_id, status) finds them without
-# reading the rows it finished), the top of each stopped subtree only.
+# reading the rows it finished), the top of each stopped subtree only, less
+# the requests the runtime made itself (its actors have them already).
 PENDING_STOPS_SQL = (
-    "SELECT g.id, g.user_id, g.stop_cascade, g.stop_reason FROM graph_execution g"
+    "SELECT g.id, g.user_id, g.stop_cascade, g.stop_reason, g.stop_wait_timeout FROM graph_execution g"
     " LEFT JOIN graph_execution p ON p.id = g.parent_id"
     f" WHERE g.runtime_id = ? AND g.stop_requested_at IS NOT NULL AND g.status IN ({marks(_ACTIVE)})"
+    " AND (g.stop_requested_by IS NULL OR g.stop_requested_by <> ?)"
     f" AND NOT (p.id IS NOT NULL AND p.stop_requested_at IS NOT NULL AND p.stop_cascade = ?"
     f" AND p.status IN ({marks(_ACTIVE)})) ORDER BY g.depth"
 )
@@ -271,14 +273,15 @@ class Store:
         return int(rows[0][0])
 
     @_translated
-    def pending_stops(self, runtime_id: str) -> list[tuple[str, str, bool, str]]:
-        """Stop requests aimed at executions ``runtime_id`` hosts: (id, user, cascade, reason).
+    def pending_stops(self, runtime_id: str) -> list[StopRequest]:
+        """Stop requests from elsewhere aimed at executions ``runtime_id`` hosts.
 
         Only the top of each stopped subtree: a descendant whose parent carries
         a pending cascading request is reached by that parent's cascade.
         """
-        rows = self._read(PENDING_STOPS_SQL, [runtime_id, *_ACTIVE, True, *_ACTIVE])
-        return [(row[0], row[1], bool(row[2]), row[3]) for row in rows]
+        rows = self._read(PENDING_STOPS_SQL, [runtime_id, *_ACTIVE, runtime_id, True, *_ACTIVE])
+        return [StopRequest(execution_id=row[0], user_id=row[1], cascade=bool(row[2]), reason=row[3],
+                            wait_timeout=None if row[4] is None else float(row[4])) for row in rows]
 
     @_translated
     def runtime_of(self, execution_id: str) -> dict[str, Any] | None:

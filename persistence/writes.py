@@ -280,16 +280,27 @@ class RequestStop(Operation):
     reason: str
     cascade: bool
     at: dt.datetime
+    # The seconds running work may take to wind down: the hosting runtime
+    # applies it. Of several requests the shortest is kept, so the earliest
+    # deadline wins there as it does in an actor.
+    wait_timeout: float
     # The runtime that asks, when it hosts the execution itself: its actor is
-    # already stopping, so its own stop channel is not woken for it.
+    # already stopping, so neither its stop channel nor its stop watcher hands
+    # the request back to it. Only the first request of a row is marked so:
+    # one from elsewhere after it clears the mark, and is delivered.
     by_host: str | None = None
 
     def run(self, sql: Dialect) -> tuple[str, ...]:
+        # Every SET expression reads the row as it was before this UPDATE.
         rows = sql.fetchall(
             f"UPDATE graph_execution SET stop_requested_at = COALESCE(stop_requested_at, ?),"
-            f" stop_reason = COALESCE(stop_reason, ?), stop_cascade = ?"
+            f" stop_reason = COALESCE(stop_reason, ?), stop_cascade = ?,"
+            f" stop_wait_timeout = CASE WHEN stop_wait_timeout IS NULL OR stop_wait_timeout > ?"
+            f" THEN ? ELSE stop_wait_timeout END,"
+            f" stop_requested_by = CASE WHEN stop_requested_at IS NULL THEN ? ELSE NULL END"
             f" WHERE id = ? AND status IN ({marks(_ACTIVE)}) RETURNING id, runtime_id",
-            [sql.time(self.at), self.reason, self.cascade, self.execution_id, *_ACTIVE],
+            [sql.time(self.at), self.reason, self.cascade, self.wait_timeout, self.wait_timeout,
+             self.by_host, self.execution_id, *_ACTIVE],
         )
         if not sql.is_sqlite and rows and rows[0][1] not in (None, self.by_host):
             # Delivered at commit to the hosting runtime alone (its own channel):

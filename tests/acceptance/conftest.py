@@ -52,6 +52,11 @@ GRAPHS = {
         "parent": _two_children("leaf", LONG_SLEEP),
         # A root with two children that end on their own after a short sleep.
         "short_parent": _two_children("leaf", SHORT_SLEEP),
+        # A root with two children whose naps ignore stops: only a deadline ends them.
+        "stubborn_parent": {"nodes": {name: {"block": "agent", "input": {"graph": "stubborn_leaf"}}
+                                      for name in ("a", "b")}},
+        "stubborn_leaf": {"nodes": {"nap": {"block": "sleep",
+                                            "input": {"seconds": LONG_SLEEP, "ignore_stop": True}}}},
         # Sleeps `seconds`, then outputs `word`: checks --input parsing.
         "echo": {
             "nodes": {

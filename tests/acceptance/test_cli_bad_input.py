@@ -28,6 +28,8 @@ BAD_INPUTS = {
     "unknown command": (("frobnicate",), None),
     "missing argument": (("run", "graphs.json"), None),
     "stop without id": (("stop", "--user", "alice"), None),
+    "negative stop --timeout": (("stop", "00000000-0000-4000-8000-000000000000", "--user", "alice",
+                                 "--timeout", "-1"), None),
     "non-integer --limit": (("list", "--limit", "many"), None),
 }
 

@@ -22,6 +22,23 @@ def test_stop_from_another_process_terminates_the_whole_tree(cli, observer):
     assert "Traceback" not in run.stderr + stop.stderr
 
 
+def test_stop_with_timeout_0_from_another_process_forces_the_tree_at_once(cli, observer):
+    # The run process applies the stop's --timeout: 0 forces the naps that
+    # ignore stops at once (it used to give them 15 s, and this stop gave up
+    # after 5 s with the tree still RUNNING).
+    run, root_id, rows = start_tree(cli, observer, graph="stubborn_parent")
+
+    stop = cli.call("stop", root_id, "--user", "alice", "--timeout", "0")
+
+    assert stop.returncode == 0, stop.describe()
+    assert statuses_in(observer, root_id) == {eid: "TERMINATED" for eid in rows}
+    report = parse_stop_output(stop.stdout)
+    assert set(report["terminated"]) == set(rows)
+    assert set(report["forced"]) == set(rows) - {root_id}
+    assert run.wait() == 3, run.describe()
+    assert "Traceback" not in run.stderr + stop.stderr
+
+
 def test_stop_no_cascade_leaves_children_running_to_their_end(cli, observer):
     run, root_id, rows = start_tree(cli, observer, graph="short_parent")
     children = set(rows) - {root_id}

@@ -13,6 +13,7 @@ USER = "alice"
 GRAPH_EXECUTION_COLUMNS = {
     "id", "graph_id", "user_id", "status", "parent_id", "created_at", "started_at", "ended_at",
     "stop_requested_at", "stop_reason", "inputs", "outputs", "error", "depth", "runtime_id", "stop_forced",
+    "stop_wait_timeout", "stop_requested_by",
 }
 NODE_EXECUTION_COLUMNS = {"id", "graph_execution_id", "node_id", "block", "status", "started_at", "ended_at", "error"}
 
@@ -71,7 +72,7 @@ def test_the_stop_watchers_poll_reads_only_active_rows_through_the_runtime_statu
     observer = Observer(url)
     try:
         plan = observer.query(f"EXPLAIN QUERY PLAN {PENDING_STOPS_SQL}",
-                              ("runtime", "QUEUED", "RUNNING", True, "QUEUED", "RUNNING"))
+                              ("runtime", "QUEUED", "RUNNING", "runtime", True, "QUEUED", "RUNNING"))
         details = [row["detail"] for row in plan]
         outer = next(d for d in details if d.startswith("SEARCH g ") or d.startswith("SCAN g"))
         assert "graph_execution_runtime_id_status (runtime_id=? AND status=?)" in outer, details
