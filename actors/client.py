@@ -60,6 +60,7 @@ class Client(ExecutionViews):
              reason: str = "stopped by user") -> StopAck:
         """Stop an execution wherever it runs; returns once its subtree is terminal in the database.
 
+        The worker that runs it applies ``wait_timeout`` (0 forces at once).
         A root no worker claimed yet is written TERMINATED at once. Raises
         InvalidInput, NotFound, PermissionDenied, StopTimeout or DatabaseError
         as Runtime.stop does.

@@ -2,7 +2,8 @@
 
 A stop for an execution this process does not host is persisted as a stop
 request; the hosting runtime's ``StopWatcher`` sees it (PostgreSQL NOTIFY at
-once, else within one poll interval) and runs the ordinary cascade. The
+once, else within one poll interval) and runs the ordinary cascade, with the
+request's ``wait_timeout``. The
 stopping side waits until the subtree is terminal in the database. If the
 host is gone, the stopping side ends the rows itself (recovery), and since
 the request was persisted first, they end TERMINATED.
@@ -16,6 +17,7 @@ from typing import Any, Callable
 
 from actors.errors import StopTimeout
 from actors.messages import Stop, StopAck, check_stop
+from actors.supervision import CHILD_GRACE_LIMIT
 from persistence import (
     DatabaseError,
     ExecutionRecord,
@@ -38,7 +40,10 @@ logger = logging.getLogger(__name__)
 POLL_INTERVAL = 0.1   # the watcher's poll: a remote stop is seen within 200 ms
 HEARTBEAT_EVERY = 2.0
 WAIT_INTERVAL = 0.02  # how often a remote stopper looks at the database
-GRACE = 5.0           # beyond wait_timeout, for the host's final commits
+# How long a remote stopper waits beyond the stop's wait_timeout: the host
+# applies that timeout itself, then gives a silent child up to
+# CHILD_GRACE_LIMIT before writing it, then commits.
+GRACE = CHILD_GRACE_LIMIT + 5.0
 
 
 def stop_execution(database: str | None, execution_id: str, user_id: str, *, cascade: bool = True,
