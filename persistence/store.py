@@ -37,15 +37,19 @@ _ACTIVE = tuple(sorted(s.value for s in ACTIVE))
 
 # The stop watcher's poll, ten times a second: its runtime's active rows with
 # a stop request (the index on (runtime_id, status) finds them without
-# reading the rows it finished), the top of each stopped subtree only, less
-# the requests the runtime made itself (its actors have them already).
+# reading the rows it finished), less the requests the runtime made itself
+# (its actors have them already), and less those that a pending cascading
+# request on the parent covers: its cascade reaches the row with a deadline
+# as early (a shorter wait_timeout of the row's own is still handed on).
 PENDING_STOPS_SQL = (
     "SELECT g.id, g.user_id, g.stop_cascade, g.stop_reason, g.stop_wait_timeout FROM graph_execution g"
     " LEFT JOIN graph_execution p ON p.id = g.parent_id"
     f" WHERE g.runtime_id = ? AND g.stop_requested_at IS NOT NULL AND g.status IN ({marks(_ACTIVE)})"
     " AND (g.stop_requested_by IS NULL OR g.stop_requested_by <> ?)"
     f" AND NOT (p.id IS NOT NULL AND p.stop_requested_at IS NOT NULL AND p.stop_cascade = ?"
-    f" AND p.status IN ({marks(_ACTIVE)})) ORDER BY g.depth"
+    f" AND p.status IN ({marks(_ACTIVE)})"
+    " AND (g.stop_wait_timeout IS NULL OR p.stop_wait_timeout IS NULL"
+    " OR g.stop_wait_timeout >= p.stop_wait_timeout)) ORDER BY g.depth"
 )
 _RECORD_COLUMNS = (
     "id, graph_id, user_id, status, parent_id, created_at, started_at, ended_at,"
@@ -277,7 +281,8 @@ class Store:
         """Stop requests from elsewhere aimed at executions ``runtime_id`` hosts.
 
         Only the top of each stopped subtree: a descendant whose parent carries
-        a pending cascading request is reached by that parent's cascade.
+        a pending cascading request is reached by that parent's cascade,
+        unless its own request has a shorter wait_timeout.
         """
         rows = self._read(PENDING_STOPS_SQL, [runtime_id, *_ACTIVE, runtime_id, True, *_ACTIVE])
         return [StopRequest(execution_id=row[0], user_id=row[1], cascade=bool(row[2]), reason=row[3],

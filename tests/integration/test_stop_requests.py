@@ -142,6 +142,27 @@ def test_a_shorter_stop_from_elsewhere_wins_over_one_handed_on_before(runtime_fa
     assert set(earlier.terminated) == {row["id"] for row in rows}
 
 
+def test_a_shorter_stop_from_elsewhere_of_a_child_wins_over_its_parents_stop_here(
+        runtime_factory, observer, database_url):
+    # The parent's pending cascading stop reaches the child anyway, so a
+    # request on the child used to be left to it: with 600 s, although the
+    # child's own request asked for 0.
+    rt = runtime_factory(stubborn_tree())
+    root = rt.start("mixed", user_id=USER)
+    wait_tree_running(observer, root, executions=3, naps=2)
+    children = children_by_graph(observer, root)
+    here = rt.stop(root, user_id=USER, wait_timeout=600, block=False)
+    wait_until(lambda: observer.status(children["cooperative"]) == "TERMINATED", 30.0,
+               "the stop asked here to end the cooperative child")
+
+    ack = stop_execution(database_url, children["stubborn"], USER, wait_timeout=0)
+
+    assert ack.terminated == (children["stubborn"],) and ack.forced == (children["stubborn"],)
+    assert_forced_terminal(observer, root, children["stubborn"])
+    own = here.get(timeout=STOP_RETURNS_WITHIN)
+    assert root in own.terminated and children["stubborn"] in own.already_final + own.terminated
+
+
 def slow_wind_down(ctx) -> dict:
     """Works until stopped, then takes WIND_DOWN_SECONDS to wind down (its own work, not a test wait)."""
     ctx.stop_event.wait(120)
