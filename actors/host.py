@@ -51,7 +51,7 @@ class LiveActors:
             self._identities[identity.execution_id] = identity
             seal = self._seal
         if seal is not None:
-            _tell(ref, seal)
+            tell_if_live(ref, seal)
 
     def seal(self, message: Any) -> int:
         """Tell ``message`` to every live actor and to every actor added from now on; return how many were live.
@@ -62,19 +62,25 @@ class LiveActors:
             self._seal = message
             refs = list(self._refs.values())
         for ref in refs:
-            _tell(ref, message)
+            tell_if_live(ref, message)
         return len(refs)
 
-    def remove(self, execution_id: str) -> None:
+    def remove(self, execution_id: str) -> bool:
+        """Forget the execution; False if it was not here (someone else removed it first)."""
         with self._lock:
-            self._refs.pop(execution_id, None)
+            present = self._refs.pop(execution_id, None) is not None
             self._identities.pop(execution_id, None)
             if self._waiters:
                 self._changed.notify_all()
+            return present
 
     def get(self, execution_id: str) -> pykka.ActorRef | None:
         with self._lock:
             return self._refs.get(execution_id)
+
+    def identity_of(self, execution_id: str) -> Identity | None:
+        with self._lock:
+            return self._identities.get(execution_id)
 
     def __len__(self) -> int:
         with self._lock:
@@ -106,7 +112,8 @@ class LiveActors:
                 self._waiters -= 1
 
 
-def _tell(ref: pykka.ActorRef, message: Any) -> None:
+def tell_if_live(ref: pykka.ActorRef, message: Any) -> None:
+    """Tell ``message`` to ``ref``; nothing if its actor stopped meanwhile."""
     try:
         ref.tell(message)
     except pykka.ActorDeadError:

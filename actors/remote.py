@@ -84,9 +84,7 @@ def stop_elsewhere(store: Store, record: ExecutionRecord, stop: Stop) -> StopAck
         (moved,) = store.write(TerminateUnclaimed(execution_id=execution_id, reason=stop.reason, at=utcnow()))
         if moved:
             return StopAck(execution_id=execution_id, terminated=moved)
-    scope = store.subtree(execution_id) if stop.cascade else store.subtree(execution_id)[:1]
-    active = [row["id"] for row in scope if not ExecutionStatus(row["status"]).is_terminal]
-    already_final = tuple(row["id"] for row in scope if ExecutionStatus(row["status"]).is_terminal)
+    active, already_final = active_and_final(store, execution_id, stop.cascade)
     if not active:
         return StopAck(execution_id=execution_id, already_final=already_final)
     # Persist first: whoever ends these rows from now on (the host, or a
@@ -106,6 +104,20 @@ def stop_elsewhere(store: Store, record: ExecutionRecord, stop: Stop) -> StopAck
                 f"execution {execution_id} is not terminal {stop.wait_timeout + GRACE:.0f}s after the stop "
                 f"request; its runtime {host['id']} (host {host['host']}, pid {host['pid']}) does not answer")
         time.sleep(WAIT_INTERVAL)
+    return ack_from_database(store, execution_id, active, already_final)
+
+
+def active_and_final(store: Store, execution_id: str, cascade: bool = True) -> tuple[list[str], tuple[str, ...]]:
+    """Before a stop: the active ids of the subtree (its top alone without ``cascade``), and the terminal ones."""
+    scope = store.subtree(execution_id) if cascade else store.subtree(execution_id)[:1]
+    active = [row["id"] for row in scope if not ExecutionStatus(row["status"]).is_terminal]
+    already_final = tuple(row["id"] for row in scope if ExecutionStatus(row["status"]).is_terminal)
+    return active, already_final
+
+
+def ack_from_database(store: Store, execution_id: str, active: list[str],
+                      already_final: tuple[str, ...]) -> StopAck:
+    """After a stop ended ``active``: its StopAck, read back from the database (whoever wrote each row)."""
     rows = {row["id"]: row for row in store.subtree(execution_id)}
     terminated = tuple(i for i in active if rows.get(i, {}).get("status") == ExecutionStatus.TERMINATED.value)
     forced = tuple(i for i in terminated if rows[i]["stop_forced"])

@@ -21,13 +21,16 @@ from actors.catalog import Bundle, Catalog, check_inputs
 from actors.dispatch import Dispatcher
 from actors.errors import InvalidInput, StopTimeout
 from actors.execution import ExecutionActor
-from actors.host import Ended, Host, LiveActors
+from actors.host import Ended, Host, LiveActors, tell_if_live
 from actors.logs import Identity
-from actors.messages import DEFAULT_WAIT_TIMEOUT, Begin, Halt, Stop, StopAck, check_stop, check_wait_timeout
+from actors.messages import (
+    DEFAULT_WAIT_TIMEOUT, AckTree, Begin, CascadeStop, ChildEnded, Halt, Stop, StopAck, check_stop,
+    check_wait_timeout,
+)
 from actors.reader import Reader
 from actors.views import ExecutionViews
 from actors.watch import Watching
-from actors.remote import StopWatcher, owned_record, stop_elsewhere
+from actors.remote import StopWatcher, ack_from_database, active_and_final, owned_record, stop_elsewhere
 from actors.submit import submit_root
 from actors.worker import Claimer
 from actors.supervision import CHILD_GRACE_LIMIT
@@ -43,6 +46,7 @@ from persistence import (
     RegisterRuntime,
     Store,
     StopRequest,
+    TerminateSubtree,
     UnregisterRuntime,
     default_url,
     dumps,
@@ -132,6 +136,8 @@ class Runtime(ExecutionViews):
         self.runtime_id = str(uuid.uuid4())
         self._closed = False
         self._close_lock = threading.Lock()
+        # Serialises the ending of executions whose actor stopped without ending (_end_dead_actor).
+        self._dead_lock = threading.Lock()
         try:
             # Executions of runtimes that died are ended before we take the database.
             self._store.recover_lost()
@@ -390,6 +396,8 @@ class Runtime(ExecutionViews):
         ref = self._host.live.get(record.id)
         if ref is not None:
             ack = self._stop_live(record.id, ref, stop)
+            if ack is None:
+                ack = self._end_dead_actor(record.id, stop, timeout=stop.wait_timeout + COMMIT_SLACK)
             if ack is not None:
                 return self._stop_abandoned(ack, stop)
         queued = self._admission.remove(record.id)
@@ -401,6 +409,52 @@ class Runtime(ExecutionViews):
         if current is not None and current.status.is_terminal:
             return self._stop_abandoned(StopAck(execution_id=record.id, already_final=(record.id,)), stop)
         return stop_elsewhere(self._store, record, stop)
+
+    def _end_dead_actor(self, execution_id: str, stop: Stop, timeout: float) -> StopAck | None:
+        """Stop an execution hosted here whose actor stopped without ending; None if it is not one.
+
+        Only a bug in a turn and then in its salvage ends an actor so (see
+        ExecutionActor.on_failure): an execution that ends as usual leaves
+        the registry before its actor stops. Nothing else would ever write
+        it (this runtime's lease keeps other processes' recovery away), so we
+        do what a parent does for a child that stopped without ending: the
+        live actors under it end at once, and its subtree is written
+        TERMINATED, forced. Its parent, if live here, hears that it ended,
+        as from any stopped child.
+
+        Raises:
+            DatabaseError: the write did not commit within ``timeout`` s.
+        """
+        ref = self._host.live.get(execution_id)
+        identity = self._host.live.identity_of(execution_id)
+        if ref is None or identity is None or ref.is_alive():
+            return None  # it ended as usual meanwhile: its row is final
+        with self._dead_lock:  # one at a time: a stop here and one from elsewhere may meet
+            if self._host.live.get(execution_id) is not ref:
+                return None  # the other one ended it
+            return self._write_dead(identity, stop, timeout)
+
+    def _write_dead(self, identity: Identity, stop: Stop, timeout: float) -> StopAck:
+        execution_id = identity.execution_id
+        logger.warning("execution %s (parent %s, root %s) has no live actor; writing its subtree TERMINATED",
+                       execution_id, identity.parent_id, identity.root_id)
+        active, already_final = active_and_final(self._store, execution_id)
+        # The live actors under it first, as ExecutionActor._end_orphans: each
+        # closes its spawn gate and writes its own subtree, before or after ours.
+        orphaned = CascadeStop(reason=stop.reason, deadline=time.monotonic())
+        for orphan in self._host.live.children_of(execution_id).values():
+            tell_if_live(orphan, orphaned)
+        # If the database does not answer, it stays registered: a later stop tries again.
+        self._store.write(TerminateSubtree(execution_id=execution_id, reason=stop.reason, at=utcnow(), forced=True),
+                          timeout=timeout)
+        self._gone(identity)
+        ack = ack_from_database(self._store, execution_id, active, already_final)
+        parent = self._host.live.get(identity.parent_id) if identity.parent_id is not None else None
+        if parent is not None and execution_id in ack.terminated:
+            tree = AckTree(terminated=ack.terminated, already_final=ack.already_final, forced=ack.forced)
+            tell_if_live(parent, ChildEnded(child_id=execution_id, status=ExecutionStatus.TERMINATED,
+                                            outputs=None, error=None, stop_reason=stop.reason, ack=tree))
+        return ack
 
     def _stop_queued(self, root: QueuedRoot, stop: Stop) -> StopAck:
         """A root still waiting for a slot: it never started, so one write ends it."""
@@ -423,10 +477,9 @@ class Runtime(ExecutionViews):
         stop = Stop(user_id=request.user_id, cascade=request.cascade, reason=request.reason,
                     wait_timeout=wait_timeout)
         if ref is not None:
-            try:
-                ref.ask(stop, block=False)
-            except pykka.ActorDeadError:
-                return False
+            if not ref.is_alive():
+                return self._end_dead_actor(execution_id, stop, timeout=wait_timeout + COMMIT_SLACK) is not None
+            ref.ask(stop, block=False)  # answered by the actor; the requester reads the database
             return True
         if (queued := self._admission.remove(execution_id)) is not None:
             self._stop_queued(queued, stop)
@@ -444,7 +497,8 @@ class Runtime(ExecutionViews):
         self._gone(identity)
 
     def _gone(self, identity: Identity) -> None:
-        self._host.live.remove(identity.execution_id)
+        if not self._host.live.remove(identity.execution_id):
+            return  # gone already: a root's slot is freed once
         if identity.parent_id is None:
             if self._claimer is not None:
                 self._claimer.root_ended(identity.execution_id)
@@ -521,16 +575,14 @@ class Runtime(ExecutionViews):
         stop = Stop(user_id="", reason="runtime closed", wait_timeout=timeout)
         pending = []
         for identity, ref in self._host.live.tops():
-            try:
-                pending.append((identity.execution_id,
-                                ref.ask(dataclasses.replace(stop, user_id=identity.user_id), block=False)))
-            except pykka.ActorDeadError:
-                pass
+            # A dead actor's ask fails its future (ActorDeadError), read in _await_close.
+            pending.append((identity.execution_id,
+                            ref.ask(dataclasses.replace(stop, user_id=identity.user_id), block=False)))
         for root in self._admission.queued():
             if self._admission.remove(root.execution_id) is not None:
                 self._close_queued(root, stop)
         for execution_id, future in pending:
-            self._await_close(execution_id, future, deadline)
+            self._await_close(execution_id, future, stop, deadline)
         self._host.live.wait_empty(max(0.0, deadline - time.monotonic()))
         if len(self._host.live):
             logger.warning("runtime %s closed with %d executions still live", self.runtime_id,
@@ -563,10 +615,14 @@ class Runtime(ExecutionViews):
             logger.warning("runtime %s: queued root %s could not be written TERMINATED: %s",
                            self.runtime_id, root.execution_id, exc)
 
-    def _await_close(self, execution_id: str, future: pykka.Future[StopAck], deadline: float) -> None:
-        """Wait for one stop of close() as a stop waits, but only say what was left: close goes on."""
+    def _await_close(self, execution_id: str, future: pykka.Future[StopAck], stop: Stop, deadline: float) -> None:
+        """Wait for one stop of close() as a stop waits, but only say what was left: close goes on.
+
+        An actor that stopped without ending (without answering) is ended here.
+        """
         try:
-            self._await_ack(execution_id, future, deadline)
+            if self._await_ack(execution_id, future, deadline) is None:
+                self._end_dead_actor(execution_id, stop, timeout=max(0.0, deadline - time.monotonic()))
         except DatabaseError as exc:
             logger.debug("runtime %s: a stop during close waits for the database: %s", self.runtime_id, exc)
         except Exception as exc:  # noqa: BLE001 - keep closing; say what was left

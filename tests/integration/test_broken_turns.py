@@ -16,6 +16,7 @@ import pytest
 
 from actors import execution, supervision
 from actors.messages import CascadeStop, FinalCommitted, NodeFinished, Stop
+from actors import stop_execution
 from tests.helpers import wait_status, wait_tree_running, wait_until
 from tests.integration import graphs as g
 from tests.integration.test_stop_edges import running_chain
@@ -35,6 +36,18 @@ def break_handler(monkeypatch: pytest.MonkeyPatch, message_type: type,
         return handle(actor, message)
 
     monkeypatch.setitem(execution._HANDLERS, message_type, broken)
+
+
+def break_salvage(monkeypatch: pytest.MonkeyPatch, breaks: Callable[[execution.ExecutionActor], bool]) -> None:
+    """Make the salvage raise too in the executions ``breaks`` picks: pykka stops their actors without a word."""
+    salvage = execution.ExecutionActor._salvage
+
+    def broken(actor: execution.ExecutionActor, error: str) -> Any:
+        if breaks(actor):
+            raise RuntimeError("the salvage broke too")
+        return salvage(actor, error)
+
+    monkeypatch.setattr(execution.ExecutionActor, "_salvage", broken)
 
 
 def with_agent_and_nap(nap_seconds: float) -> g.Graph:
@@ -157,14 +170,7 @@ def test_an_actor_whose_salvage_breaks_too_is_written_with_its_subtree_by_its_pa
     middle = next(r["id"] for r in observer.subtree(root) if r["parent_id"] == root)
     below = ids - {root, middle}
     break_handler(monkeypatch, CascadeStop, lambda actor: actor.identity.execution_id == middle)
-    salvage = execution.ExecutionActor._salvage
-
-    def salvage_breaks(actor: execution.ExecutionActor, error: str) -> Any:
-        if actor.identity.execution_id == middle:
-            raise RuntimeError("the salvage broke too")
-        return salvage(actor, error)
-
-    monkeypatch.setattr(execution.ExecutionActor, "_salvage", salvage_breaks)
+    break_salvage(monkeypatch, lambda actor: actor.identity.execution_id == middle)
 
     with caplog.at_level(logging.WARNING):
         began = time.monotonic()
@@ -208,3 +214,69 @@ def test_a_broken_execution_writes_a_child_whose_actor_broke_for_good(
     assert observer.execution(child)["stop_forced"]
     assert_nothing_active(observer, root)
     wait_until(lambda: rt.live_count == 0, what="every actor gone, the broken child's included")
+
+
+def broken_for_good(runtime_factory, observer, monkeypatch, caplog, root_graph: str) -> tuple[Any, str, dict[str, str]]:
+    """A tree whose ``middle`` execution's actor stops without ending; ``root_graph`` is ``top`` or ``middle``.
+
+    ``top`` starts a ``middle``, which starts a ``nap`` and sleeps 0.2 s
+    itself: the turn that hears that sleep end breaks, and so does the
+    salvage. Returns the runtime, the root and the ids by graph, once the
+    ``middle`` actor is gone and the ``nap`` child still runs.
+    """
+    rt = runtime_factory(g.graphs(nap=g.sleeper(), middle=with_agent_and_nap(0.2), top=g.agents("middle", 1)))
+    in_middle = lambda actor: actor.identity.graph_id == "middle"  # noqa: E731
+    break_handler(monkeypatch, NodeFinished, in_middle)
+    break_salvage(monkeypatch, in_middle)
+    caplog.set_level(logging.ERROR)
+    root = rt.start(root_graph, user_id=USER)
+    wait_tree_running(observer, root, executions=3 if root_graph == "top" else 2, naps=1)
+    ids = {r["graph_id"]: r["id"] for r in observer.subtree(root)}
+    wait_until(lambda: any(r.getMessage().endswith("actor failed") and r.execution_id == ids["middle"]
+                           for r in caplog.records), what="the middle actor to stop without ending")
+    return rt, root, ids
+
+
+@pytest.mark.parametrize("where", ["here", "elsewhere"])
+def test_an_execution_whose_actor_broke_for_good_is_ended_by_a_stop(
+        where, runtime_factory, observer, monkeypatch, caplog, database_url):
+    # Before, nothing could end it while its runtime ran: a stop here or
+    # from another process raised StopTimeout, the rows still RUNNING.
+    rt, root, ids = broken_for_good(runtime_factory, observer, monkeypatch, caplog, "middle")
+
+    if where == "here":
+        ack = rt.stop(root, user_id=USER, wait_timeout=1.0)
+    else:
+        ack = stop_execution(database_url, root, USER, wait_timeout=1.0)
+
+    assert set(ack.terminated) == set(ids.values())
+    assert ids["middle"] in ack.forced
+    assert set(observer.subtree_statuses(root).values()) == {"TERMINATED"}
+    assert_nothing_active(observer, root)
+    wait_until(lambda: rt.live_count == 0, what="every actor of the tree gone")
+
+
+def test_a_child_whose_actor_broke_for_good_is_ended_by_a_stop_and_fails_its_parent(
+        runtime_factory, observer, monkeypatch, caplog):
+    rt, root, ids = broken_for_good(runtime_factory, observer, monkeypatch, caplog, "top")
+
+    ack = rt.stop(ids["middle"], user_id=USER, wait_timeout=1.0)
+
+    assert set(ack.terminated) == {ids["middle"], ids["nap"]}
+    # Its parent hears of it as of any stopped child: its agent node fails.
+    wait_status(observer, root, "FAILED")
+    assert f"child execution {ids['middle']}" in observer.execution(root)["error"]
+    assert observer.subtree_statuses(root) == {root: "FAILED", ids["middle"]: "TERMINATED",
+                                               ids["nap"]: "TERMINATED"}
+    wait_until(lambda: rt.live_count == 0, what="every actor of the tree gone")
+
+
+def test_close_ends_a_root_whose_actor_broke_for_good(runtime_factory, observer, monkeypatch, caplog):
+    # Before, close() waited its whole timeout and left the tree RUNNING
+    # for the next runtime's recovery.
+    rt, root, ids = broken_for_good(runtime_factory, observer, monkeypatch, caplog, "middle")
+
+    rt.close(timeout=30.0)
+
+    assert set(observer.subtree_statuses(root).values()) == {"TERMINATED"}
+    assert_nothing_active(observer, root)
