@@ -198,9 +198,10 @@ class ExecutionActor(DeferredReplyActor):
             self._flush()
 
     def on_failure(self, *args: Any) -> None:
-        # Only when the salvage broke too. During a stop, the parent finds
-        # this actor stopped after CHILD_GRACE and writes its subtree.
+        # Only when the salvage broke too: pykka has stopped this actor, and
+        # the runtime writes the execution FAILED from outside it.
         self.log.error("actor failed", exc_info=args)
+        self.host.on_failed(self.identity, f"internal error: its actor failed: {_describe(args[1])}")
 
     def on_refusal(self, message: Any, error: Exception) -> None:
         self.log.error("refused a message: %s", error)

@@ -137,6 +137,9 @@ class Host:
     on_ended: Callable[[Ended], None]
     # Called in an execution actor's last turn when it halted without writing (its lease was lost).
     on_halted: Callable[[Identity], None]
+    # Called in an execution actor's last turn when it stopped without ending
+    # (a bug in a turn, then in its salvage), with the error to record.
+    on_failed: Callable[[Identity, str], None]
     # Set (once, for good) when a non-cascading stop first leaves a started
     # child running under a terminal parent: from then on a cascading stop
     # also looks for such children in the database (Runtime._stop_abandoned).

@@ -42,7 +42,9 @@ from persistence import (
     ExecutionStatus,
     InsertExecution,
     MoveExecutions,
+    MoveNodes,
     NotFound,
+    Operation,
     RegisterRuntime,
     Store,
     StopRequest,
@@ -65,6 +67,9 @@ WAIT_POLL = 0.05  # how often wait() re-reads an execution hosted elsewhere
 # are forcing their work), how long its commits may take while the database
 # answers, before the stop reports StopTimeout.
 COMMIT_SLACK = 10.0
+# How long the write of an execution whose actor died (FAILED) may wait for
+# the database; if it does not commit, a stop or the next recovery ends it.
+FAILED_WRITE_TIMEOUT = 60.0
 # A commit still trying after this long counts as a database that does not
 # answer (a SQLite lock held elsewhere, a server that accepts no more): a
 # stop past its deadline then reports it. Long enough that a large but
@@ -155,7 +160,7 @@ class Runtime(ExecutionViews):
             dispatcher=Dispatcher(actor_threads),
             pool=concurrent.futures.ThreadPoolExecutor(block_workers, thread_name_prefix="actorgraph-block"),
             catalog=self._catalog, max_depth=max_depth, failure_timeout=failure_timeout, live=LiveActors(),
-            on_ended=self._on_ended, on_halted=self._on_halted)
+            on_ended=self._on_ended, on_halted=self._on_halted, on_failed=self._on_failed)
         self._watcher = StopWatcher(self._store, self.runtime_id, self._on_stop_request)
         self._watching = Watching(self._store)
         self._claimer = Claimer(
@@ -397,7 +402,7 @@ class Runtime(ExecutionViews):
         if ref is not None:
             ack = self._stop_live(record.id, ref, stop)
             if ack is None:
-                ack = self._end_dead_actor(record.id, stop, timeout=stop.wait_timeout + COMMIT_SLACK)
+                ack = self._end_dead_actor(record.id, reason=stop.reason, timeout=stop.wait_timeout + COMMIT_SLACK)
             if ack is not None:
                 return self._stop_abandoned(ack, stop)
         queued = self._admission.remove(record.id)
@@ -410,8 +415,9 @@ class Runtime(ExecutionViews):
             return self._stop_abandoned(StopAck(execution_id=record.id, already_final=(record.id,)), stop)
         return stop_elsewhere(self._store, record, stop)
 
-    def _end_dead_actor(self, execution_id: str, stop: Stop, timeout: float) -> StopAck | None:
-        """Stop an execution hosted here whose actor stopped without ending; None if it is not one.
+    def _end_dead_actor(self, execution_id: str, *, reason: str, error: str | None = None,
+                        timeout: float) -> StopAck | None:
+        """End an execution hosted here whose actor stopped without ending; None if it is not one.
 
         Only a bug in a turn and then in its salvage ends an actor so (see
         ExecutionActor.on_failure): an execution that ends as usual leaves
@@ -419,41 +425,42 @@ class Runtime(ExecutionViews):
         it (this runtime's lease keeps other processes' recovery away), so we
         do what a parent does for a child that stopped without ending: the
         live actors under it end at once, and its subtree is written
-        TERMINATED, forced. Its parent, if live here, hears that it ended,
-        as from any stopped child.
+        TERMINATED, forced; with ``error`` (at its death), the execution
+        itself FAILED. Its parent, if live here, hears that it ended, as from
+        any child. A stop that meets it first ends it TERMINATED.
 
         Raises:
-            DatabaseError: the write did not commit within ``timeout`` s.
+            DatabaseError: the write did not commit within ``timeout`` s (it
+                stays registered: a later stop tries again).
         """
         ref = self._host.live.get(execution_id)
         identity = self._host.live.identity_of(execution_id)
         if ref is None or identity is None or ref.is_alive():
             return None  # it ended as usual meanwhile: its row is final
-        with self._dead_lock:  # one at a time: a stop here and one from elsewhere may meet
+        with self._dead_lock:  # one at a time: its death, a stop here and one from elsewhere may meet
             if self._host.live.get(execution_id) is not ref:
-                return None  # the other one ended it
-            return self._write_dead(identity, stop, timeout)
+                return None  # another one ended it
+            return self._write_dead(identity, reason, error, timeout)
 
-    def _write_dead(self, identity: Identity, stop: Stop, timeout: float) -> StopAck:
+    def _write_dead(self, identity: Identity, reason: str, error: str | None, timeout: float) -> StopAck:
         execution_id = identity.execution_id
-        logger.warning("execution %s (parent %s, root %s) has no live actor; writing its subtree TERMINATED",
-                       execution_id, identity.parent_id, identity.root_id)
+        logger.warning("execution %s (parent %s, root %s) has no live actor; writing it %s with its subtree",
+                       execution_id, identity.parent_id, identity.root_id, "FAILED" if error else "TERMINATED")
         active, already_final = active_and_final(self._store, execution_id)
         # The live actors under it first, as ExecutionActor._end_orphans: each
         # closes its spawn gate and writes its own subtree, before or after ours.
-        orphaned = CascadeStop(reason=stop.reason, deadline=time.monotonic())
+        orphaned = CascadeStop(reason=reason, deadline=time.monotonic())
         for orphan in self._host.live.children_of(execution_id).values():
             tell_if_live(orphan, orphaned)
-        # If the database does not answer, it stays registered: a later stop tries again.
-        self._store.write(TerminateSubtree(execution_id=execution_id, reason=stop.reason, at=utcnow(), forced=True),
-                          timeout=timeout)
+        self._store.write(*_dead_end(execution_id, reason, error), timeout=timeout)
         self._gone(identity)
         ack = ack_from_database(self._store, execution_id, active, already_final)
+        record = self._store.get(execution_id)
         parent = self._host.live.get(identity.parent_id) if identity.parent_id is not None else None
-        if parent is not None and execution_id in ack.terminated:
+        if parent is not None and record is not None and record.status.is_terminal:
             tree = AckTree(terminated=ack.terminated, already_final=ack.already_final, forced=ack.forced)
-            tell_if_live(parent, ChildEnded(child_id=execution_id, status=ExecutionStatus.TERMINATED,
-                                            outputs=None, error=None, stop_reason=stop.reason, ack=tree))
+            tell_if_live(parent, ChildEnded(child_id=execution_id, status=record.status, outputs=record.outputs,
+                                            error=record.error, stop_reason=record.stop_reason, ack=tree))
         return ack
 
     def _stop_queued(self, root: QueuedRoot, stop: Stop) -> StopAck:
@@ -478,7 +485,8 @@ class Runtime(ExecutionViews):
                     wait_timeout=wait_timeout)
         if ref is not None:
             if not ref.is_alive():
-                return self._end_dead_actor(execution_id, stop, timeout=wait_timeout + COMMIT_SLACK) is not None
+                return self._end_dead_actor(execution_id, reason=stop.reason,
+                                            timeout=wait_timeout + COMMIT_SLACK) is not None
             ref.ask(stop, block=False)  # answered by the actor; the requester reads the database
             return True
         if (queued := self._admission.remove(execution_id)) is not None:
@@ -495,6 +503,23 @@ class Runtime(ExecutionViews):
     def _on_halted(self, identity: Identity) -> None:
         """In the actor's last turn, after it halted without writing (the lease was lost)."""
         self._gone(identity)
+
+    def _on_failed(self, identity: Identity, error: str) -> None:
+        """In the last turn of an actor that stopped without ending: end its execution FAILED, from a thread.
+
+        Not in that turn, nor on the timers' thread: the write may wait for
+        a database that is away, and both must stay free.
+        """
+        threading.Thread(target=self._end_failed, args=(identity.execution_id, error), daemon=True,
+                         name=f"actorgraph-failed-{identity.execution_id[:8]}").start()
+
+    def _end_failed(self, execution_id: str, error: str) -> None:
+        try:
+            self._end_dead_actor(execution_id, reason=f"execution {execution_id} failed", error=error,
+                                 timeout=FAILED_WRITE_TIMEOUT)
+        except DatabaseError as exc:
+            logger.error("execution %s could not be written FAILED (%s); it stays RUNNING until it, or an "
+                         "ancestor, is stopped, or the next runtime on the database recovers it", execution_id, exc)
 
     def _gone(self, identity: Identity) -> None:
         if not self._host.live.remove(identity.execution_id):
@@ -622,7 +647,8 @@ class Runtime(ExecutionViews):
         """
         try:
             if self._await_ack(execution_id, future, deadline) is None:
-                self._end_dead_actor(execution_id, stop, timeout=max(0.0, deadline - time.monotonic()))
+                self._end_dead_actor(execution_id, reason=stop.reason,
+                                     timeout=max(0.0, deadline - time.monotonic()))
         except DatabaseError as exc:
             logger.debug("runtime %s: a stop during close waits for the database: %s", self.runtime_id, exc)
         except Exception as exc:  # noqa: BLE001 - keep closing; say what was left
@@ -651,6 +677,19 @@ class Runtime(ExecutionViews):
                            "run.py stop recovers them", self.runtime_id)
         self._watching.close()
         self._store.close(drain_timeout=1.0 if away else 30.0)
+
+
+def _dead_end(execution_id: str, reason: str, error: str | None) -> tuple[Operation, ...]:
+    """The write that ends an execution without its actor: TERMINATED with its subtree, or FAILED with ``error``.
+
+    Its descendants first, then its nodes and its row, as an ending's final write.
+    """
+    at = utcnow()
+    if error is None:
+        return (TerminateSubtree(execution_id=execution_id, reason=reason, at=at, forced=True),)
+    return (TerminateSubtree(execution_id=execution_id, reason=reason, at=at, forced=True, include_root=False),
+            MoveNodes(execution_id=execution_id, node_ids=None, target=ExecutionStatus.TERMINATED, at=at),
+            MoveExecutions(ids=(execution_id,), target=ExecutionStatus.FAILED, at=at, error=error))
 
 
 def _settle(future: pykka.ThreadingFuture, fn: Callable[..., StopAck], *args: Any) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import pytest
 
-from actors import execution, supervision
+from actors import execution, runtime, supervision
 from actors.messages import CascadeStop, FinalCommitted, NodeFinished, Stop
 from actors import stop_execution
 from tests.helpers import wait_status, wait_tree_running, wait_until
@@ -48,6 +48,14 @@ def break_salvage(monkeypatch: pytest.MonkeyPatch, breaks: Callable[[execution.E
         return salvage(actor, error)
 
     monkeypatch.setattr(execution.ExecutionActor, "_salvage", broken)
+
+
+def no_write_at_death(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As when the write at an actor's death could not commit (the database was away): nothing is written then.
+
+    Patched before the runtime is made: its host keeps the bound method.
+    """
+    monkeypatch.setattr(runtime.Runtime, "_on_failed", lambda self, identity, error: None)
 
 
 def with_agent_and_nap(nap_seconds: float) -> g.Graph:
@@ -162,10 +170,12 @@ def test_a_turn_that_breaks_during_a_stop_is_answered_without_the_grace(
 
 def test_an_actor_whose_salvage_breaks_too_is_written_with_its_subtree_by_its_parent(
         runtime_factory, observer, caplog, monkeypatch):
-    # The last resort: the salvage raises as well, and pykka stops the
-    # actor without a word to its parent. The parent's grace finds it
-    # stopped and writes its subtree; the live actors under it end too.
+    # The salvage raises as well, and pykka stops the actor without a word
+    # to its parent; and the runtime's write at its death did not commit.
+    # The parent's grace finds it stopped and writes its subtree; the live
+    # actors under it end too.
     monkeypatch.setattr(execution, "CHILD_GRACE", 0.05)
+    no_write_at_death(monkeypatch)
     rt, root, ids = running_chain(runtime_factory, observer, 4)
     middle = next(r["id"] for r in observer.subtree(root) if r["parent_id"] == root)
     below = ids - {root, middle}
@@ -189,21 +199,17 @@ def test_an_actor_whose_salvage_breaks_too_is_written_with_its_subtree_by_its_pa
 def test_a_broken_execution_writes_a_child_whose_actor_broke_for_good(
         runtime_factory, observer, monkeypatch):
     # The middle execution's turn breaks while its child's actor is gone
-    # (its turn and its salvage broke): the middle waits for its live
-    # children, finds this one stopped after the grace, and writes it.
+    # (its turn and its salvage broke, and the runtime's write at its death
+    # did not commit): the middle waits for its live children, finds this
+    # one stopped after the grace, and writes it.
     monkeypatch.setattr(execution, "CHILD_GRACE", 0.05)
+    no_write_at_death(monkeypatch)
     rt = runtime_factory(g.graphs(nap=g.sleeper(), middle=with_agent_and_nap(0.2), top=g.agents("middle", 1)))
     # The child's actor stops at the cascade from its parent's salvage,
     # which starts when the middle's short nap ends and its turn breaks.
-    break_handler(monkeypatch, CascadeStop, lambda actor: actor.identity.graph_id == "nap")
-    salvage = execution.ExecutionActor._salvage
-
-    def salvage_breaks(actor: execution.ExecutionActor, error: str) -> Any:
-        if actor.identity.graph_id == "nap":
-            raise RuntimeError("the salvage broke too")
-        return salvage(actor, error)
-
-    monkeypatch.setattr(execution.ExecutionActor, "_salvage", salvage_breaks)
+    in_child = lambda actor: actor.identity.graph_id == "nap"  # noqa: E731
+    break_handler(monkeypatch, CascadeStop, in_child)
+    break_salvage(monkeypatch, in_child)
     break_handler(monkeypatch, NodeFinished, lambda actor: actor.identity.graph_id == "middle")
     root = rt.start("top", user_id=USER)
 
@@ -216,33 +222,70 @@ def test_a_broken_execution_writes_a_child_whose_actor_broke_for_good(
     wait_until(lambda: rt.live_count == 0, what="every actor gone, the broken child's included")
 
 
-def broken_for_good(runtime_factory, observer, monkeypatch, caplog, root_graph: str) -> tuple[Any, str, dict[str, str]]:
+def broken_for_good(runtime_factory, observer, monkeypatch, caplog, root_graph: str,
+                    written_at_death: bool = True, **runtime_kwargs: Any) -> tuple[Any, str, dict[str, str]]:
     """A tree whose ``middle`` execution's actor stops without ending; ``root_graph`` is ``top`` or ``middle``.
 
     ``top`` starts a ``middle``, which starts a ``nap`` and sleeps 0.2 s
     itself: the turn that hears that sleep end breaks, and so does the
-    salvage. Returns the runtime, the root and the ids by graph, once the
-    ``middle`` actor is gone and the ``nap`` child still runs.
+    salvage. Without ``written_at_death``, the runtime's write at its death
+    does not happen (see no_write_at_death). Returns the runtime, the root
+    and the ids by graph, once the ``middle`` actor is gone.
     """
-    rt = runtime_factory(g.graphs(nap=g.sleeper(), middle=with_agent_and_nap(0.2), top=g.agents("middle", 1)))
+    if not written_at_death:
+        no_write_at_death(monkeypatch)
+    rt = runtime_factory(g.graphs(nap=g.sleeper(), middle=with_agent_and_nap(0.2), top=g.agents("middle", 1),
+                                  quick=g.quick()), **runtime_kwargs)
     in_middle = lambda actor: actor.identity.graph_id == "middle"  # noqa: E731
     break_handler(monkeypatch, NodeFinished, in_middle)
     break_salvage(monkeypatch, in_middle)
     caplog.set_level(logging.ERROR)
     root = rt.start(root_graph, user_id=USER)
-    wait_tree_running(observer, root, executions=3 if root_graph == "top" else 2, naps=1)
+    wait_until(lambda: len(observer.subtree(root)) == (3 if root_graph == "top" else 2),
+               what="the tree down to the nap")
     ids = {r["graph_id"]: r["id"] for r in observer.subtree(root)}
     wait_until(lambda: any(r.getMessage().endswith("actor failed") and r.execution_id == ids["middle"]
                            for r in caplog.records), what="the middle actor to stop without ending")
     return rt, root, ids
 
 
+def test_an_execution_whose_actor_broke_for_good_is_written_failed_by_its_runtime(
+        runtime_factory, observer, monkeypatch, caplog):
+    # Before, it stayed RUNNING until a stop, and its parent's agent node
+    # waited for good.
+    rt, root, ids = broken_for_good(runtime_factory, observer, monkeypatch, caplog, "top")
+
+    wait_status(observer, root, "FAILED")
+    statuses = observer.subtree_statuses(root)
+    assert statuses == {root: "FAILED", ids["middle"]: "FAILED", ids["nap"]: "TERMINATED"}
+    middle = observer.execution(ids["middle"])
+    assert middle["error"] == ("internal error: its actor failed: RuntimeError: the salvage broke too")
+    assert ids["middle"] in observer.execution(root)["error"]  # its agent node failed with it
+    assert_nothing_active(observer, root)
+    wait_until(lambda: rt.live_count == 0, what="every actor of the tree gone")
+
+
+def test_a_root_whose_actor_broke_for_good_is_written_failed_and_frees_its_slot(
+        runtime_factory, observer, monkeypatch, caplog):
+    rt, root, ids = broken_for_good(runtime_factory, observer, monkeypatch, caplog, "middle",
+                                    max_running_per_user=1)
+    waiting = rt.start("quick", user_id=USER)  # admitted only once the root's slot is free
+
+    wait_status(observer, root, "FAILED")
+    assert observer.subtree_statuses(root) == {root: "FAILED", ids["nap"]: "TERMINATED"}
+    assert_nothing_active(observer, root)
+    wait_status(observer, waiting, "COMPLETED")
+    wait_until(lambda: rt.live_count == 0, what="every actor gone")
+
+
 @pytest.mark.parametrize("where", ["here", "elsewhere"])
 def test_an_execution_whose_actor_broke_for_good_is_ended_by_a_stop(
         where, runtime_factory, observer, monkeypatch, caplog, database_url):
-    # Before, nothing could end it while its runtime ran: a stop here or
-    # from another process raised StopTimeout, the rows still RUNNING.
-    rt, root, ids = broken_for_good(runtime_factory, observer, monkeypatch, caplog, "middle")
+    # If the write at its death did not commit, a stop ends it. Before,
+    # nothing could while its runtime ran: a stop here or from another
+    # process raised StopTimeout, the rows still RUNNING.
+    rt, root, ids = broken_for_good(runtime_factory, observer, monkeypatch, caplog, "middle",
+                                    written_at_death=False)
 
     if where == "here":
         ack = rt.stop(root, user_id=USER, wait_timeout=1.0)
@@ -258,7 +301,8 @@ def test_an_execution_whose_actor_broke_for_good_is_ended_by_a_stop(
 
 def test_a_child_whose_actor_broke_for_good_is_ended_by_a_stop_and_fails_its_parent(
         runtime_factory, observer, monkeypatch, caplog):
-    rt, root, ids = broken_for_good(runtime_factory, observer, monkeypatch, caplog, "top")
+    rt, root, ids = broken_for_good(runtime_factory, observer, monkeypatch, caplog, "top",
+                                    written_at_death=False)
 
     ack = rt.stop(ids["middle"], user_id=USER, wait_timeout=1.0)
 
@@ -274,7 +318,8 @@ def test_a_child_whose_actor_broke_for_good_is_ended_by_a_stop_and_fails_its_par
 def test_close_ends_a_root_whose_actor_broke_for_good(runtime_factory, observer, monkeypatch, caplog):
     # Before, close() waited its whole timeout and left the tree RUNNING
     # for the next runtime's recovery.
-    rt, root, ids = broken_for_good(runtime_factory, observer, monkeypatch, caplog, "middle")
+    rt, root, ids = broken_for_good(runtime_factory, observer, monkeypatch, caplog, "middle",
+                                    written_at_death=False)
 
     rt.close(timeout=30.0)
 
