@@ -201,7 +201,15 @@ class ExecutionActor(DeferredReplyActor):
         # Only when the salvage broke too: pykka has stopped this actor, and
         # the runtime writes the execution FAILED from outside it.
         self.log.error("actor failed", exc_info=args)
-        self.host.on_failed(self.identity, f"internal error: its actor failed: {_describe(args[1])}")
+        self.host.on_failed(self.identity, f"internal error: its actor failed: {_describe(args[1])}",
+                            self._unanswered_stops())
+
+    def _unanswered_stops(self) -> tuple[Promise[StopAck], ...]:
+        """The stops asked of this execution that still wait for their answer (read in its last turn)."""
+        waiting = list(self.stop_waiters)
+        if self.ending is not None and self.ending.asked:
+            waiting.append(self.ending.result)
+        return tuple(promise for promise in waiting if not promise.done())
 
     def on_refusal(self, message: Any, error: Exception) -> None:
         self.log.error("refused a message: %s", error)
@@ -263,6 +271,12 @@ class ExecutionActor(DeferredReplyActor):
             if not stop.queued_only and not self.ending.cascade:
                 self._cascade_to_continuing(self.ending)
             self._tighten(self.ending, stop.deadline)
+            if self.ending.deadline <= time.monotonic() and not self.ending.submitted:
+                # Past our deadline, and the DeadlinePassed that a parent
+                # sends may never come: it is a parent that stopped without
+                # ending, whose runtime tells its orphans to end now.
+                self._force_nodes(self.ending)
+                self._maybe_submit()
             return
         if stop.queued_only and self.started:
             # A non-cascading stop above us: a started child runs on to its own end.

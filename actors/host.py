@@ -17,7 +17,7 @@ from actors.catalog import Catalog
 from actors.dispatch import Dispatcher
 from actors.logs import Identity
 from actors.timers import Timers
-from persistence import ExecutionStatus, Store
+from persistence import ExecutionStatus, Promise, Store
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -138,8 +138,9 @@ class Host:
     # Called in an execution actor's last turn when it halted without writing (its lease was lost).
     on_halted: Callable[[Identity], None]
     # Called in an execution actor's last turn when it stopped without ending
-    # (a bug in a turn, then in its salvage), with the error to record.
-    on_failed: Callable[[Identity, str], None]
+    # (a bug in a turn, then in its salvage), with the error to record and
+    # the promises of the stops asked of it that it never answered.
+    on_failed: Callable[[Identity, str, tuple[Promise[Any], ...]], None]
     # Set (once, for good) when a non-cascading stop first leaves a started
     # child running under a terminal parent: from then on a cascading stop
     # also looks for such children in the database (Runtime._stop_abandoned).

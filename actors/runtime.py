@@ -45,6 +45,7 @@ from persistence import (
     MoveNodes,
     NotFound,
     Operation,
+    Promise,
     RegisterRuntime,
     Store,
     StopRequest,
@@ -504,22 +505,33 @@ class Runtime(ExecutionViews):
         """In the actor's last turn, after it halted without writing (the lease was lost)."""
         self._gone(identity)
 
-    def _on_failed(self, identity: Identity, error: str) -> None:
+    def _on_failed(self, identity: Identity, error: str, unanswered: tuple[Promise[StopAck], ...]) -> None:
         """In the last turn of an actor that stopped without ending: end its execution FAILED, from a thread.
 
         Not in that turn, nor on the timers' thread: the write may wait for
-        a database that is away, and both must stay free.
+        a database that is away, and both must stay free. The stops asked of
+        it that it never answered are answered once the write is done.
         """
-        threading.Thread(target=self._end_failed, args=(identity.execution_id, error), daemon=True,
+        threading.Thread(target=self._end_failed, args=(identity.execution_id, error, unanswered), daemon=True,
                          name=f"actorgraph-failed-{identity.execution_id[:8]}").start()
 
-    def _end_failed(self, execution_id: str, error: str) -> None:
+    def _end_failed(self, execution_id: str, error: str, unanswered: tuple[Promise[StopAck], ...]) -> None:
         try:
-            self._end_dead_actor(execution_id, reason=f"execution {execution_id} failed", error=error,
-                                 timeout=FAILED_WRITE_TIMEOUT)
+            ack = self._end_dead_actor(execution_id, reason=f"execution {execution_id} failed", error=error,
+                                       timeout=FAILED_WRITE_TIMEOUT)
         except DatabaseError as exc:
             logger.error("execution %s could not be written FAILED (%s); it stays RUNNING until it, or an "
                          "ancestor, is stopped, or the next runtime on the database recovers it", execution_id, exc)
+            for promise in unanswered:
+                promise.set_exception(exc)
+            return
+        # It ended FAILED (or another stop ended it first): not by these stops.
+        answer = StopAck(execution_id=execution_id, already_final=(execution_id,))
+        if ack is not None:
+            others = tuple(i for i in ack.already_final if i != execution_id)
+            answer = dataclasses.replace(ack, already_final=(execution_id, *others))
+        for promise in unanswered:
+            promise.set_result(answer)
 
     def _gone(self, identity: Identity) -> None:
         if not self._host.live.remove(identity.execution_id):

@@ -141,15 +141,19 @@ class StopAction:
 
 @dataclasses.dataclass(frozen=True)
 class Break:
-    """A bug of ours: the ``nth`` message of type ``message`` that any execution actor handles raises."""
+    """A bug of ours: the ``nth`` message of type ``message`` that any execution actor handles raises.
+
+    With ``in_salvage``, that actor's salvage raises too: pykka stops it,
+    and its runtime writes the execution from outside.
+    """
 
     message: str
     nth: int
+    in_salvage: bool = False
 
 
 # Every message an execution actor handles in these examples. (Not its
-# salvage's commit: a second bug in the same actor is the last resort, the
-# parent's grace, which may take longer than a stop's slack.)
+# salvage's commit: ``in_salvage`` breaks the salvage itself.)
 BREAKABLE = ("Stop", "CascadeStop", "NodeFinished", "ChildWriteQueued", "ChildEnded", "ChildContinues",
              "Begin", "FinalCommitted", "DeadlinePassed")
 
@@ -243,7 +247,8 @@ def scenarios(draw: Any) -> Scenario:
     scenario = Scenario(graphs=graphs, starts=starts,
                         stops=tuple(draw(st.lists(stop_actions(), min_size=1, max_size=4))),
                         breaks=draw(st.one_of(st.just(()), st.tuples(st.builds(
-                            Break, message=st.sampled_from(BREAKABLE), nth=st.integers(1, 3))))))
+                            Break, message=st.sampled_from(BREAKABLE), nth=st.integers(1, 3),
+                            in_salvage=st.booleans())))))
     assume(sum(scenario.executions(s.graph) for s in starts) <= MAX_EXECUTIONS)
     return scenario
 
@@ -555,17 +560,29 @@ class _Example:
 def broken_turns(breaks: tuple[Break, ...], note: Callable[[str], None]) -> Iterator[None]:
     """Make each ``Break``'s message raise in whichever actor handles it ``nth``, for the block's duration."""
     originals = dict(execution._HANDLERS)
+    salvage = execution.ExecutionActor._salvage
+    doomed: set[str] = set()  # executions whose salvage breaks too
     for fault in breaks:
         message_type = getattr(messages, fault.message)
-        execution._HANDLERS[message_type] = _breaking(originals[message_type], fault, note)
+        execution._HANDLERS[message_type] = _breaking(originals[message_type], fault, note, doomed)
+
+    def salvage_or_break(actor: execution.ExecutionActor, error: str) -> Any:
+        if actor.identity.execution_id in doomed:
+            note(f"the salvage of {short(actor.identity.execution_id)} breaks too")
+            raise RuntimeError("a bug planted in the salvage")
+        return salvage(actor, error)
+
+    execution.ExecutionActor._salvage = salvage_or_break  # type: ignore[method-assign]
     try:
         yield
     finally:
+        execution.ExecutionActor._salvage = salvage  # type: ignore[method-assign]
         execution._HANDLERS.clear()
         execution._HANDLERS.update(originals)
 
 
-def _breaking(handle: Callable[..., Any], fault: Break, note: Callable[[str], None]) -> Callable[..., Any]:
+def _breaking(handle: Callable[..., Any], fault: Break, note: Callable[[str], None],
+              doomed: set[str]) -> Callable[..., Any]:
     lock = threading.Lock()
     seen = 0
 
@@ -575,6 +592,8 @@ def _breaking(handle: Callable[..., Any], fault: Break, note: Callable[[str], No
             seen += 1
             breaks_now = seen == fault.nth
         if breaks_now:
+            if fault.in_salvage:
+                doomed.add(actor.identity.execution_id)
             note(f"the turn of {short(actor.identity.execution_id)} handling {fault.message} #{fault.nth} breaks")
             raise RuntimeError(f"a bug planted in the {fault.nth}th {fault.message}")
         return handle(actor, message)

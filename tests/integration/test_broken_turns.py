@@ -15,7 +15,7 @@ from typing import Any, Callable
 import pytest
 
 from actors import execution, runtime, supervision
-from actors.messages import CascadeStop, FinalCommitted, NodeFinished, Stop
+from actors.messages import CascadeStop, DeadlinePassed, FinalCommitted, NodeFinished, Stop
 from actors import stop_execution
 from tests.helpers import wait_status, wait_tree_running, wait_until
 from tests.integration import graphs as g
@@ -325,3 +325,28 @@ def test_close_ends_a_root_whose_actor_broke_for_good(runtime_factory, observer,
 
     assert set(observer.subtree_statuses(root).values()) == {"TERMINATED"}
     assert_nothing_active(observer, root)
+
+
+def test_a_stop_waiting_on_an_actor_that_breaks_for_good_is_answered_when_its_runtime_writes_it(
+        runtime_factory, observer, monkeypatch):
+    # The stop is under way (its child naps through it) when the root's
+    # deadline turn breaks, and its salvage too. Before, that stop's answer
+    # died with the actor: it raised StopTimeout 17 s past its deadline.
+    rt = runtime_factory(g.graphs(stubborn=g.sleeper(ignore_stop=True), top=g.agents("stubborn", 1)))
+    root = rt.start("top", user_id=USER)
+    rows = wait_tree_running(observer, root, executions=2, naps=1)
+    child = next(r["id"] for r in rows if r["id"] != root)
+    is_root = lambda actor: actor.identity.execution_id == root  # noqa: E731
+    break_handler(monkeypatch, DeadlinePassed, is_root)
+    break_salvage(monkeypatch, is_root)
+
+    began = time.monotonic()
+    ack = rt.stop(root, user_id=USER, wait_timeout=0.3)
+    elapsed = time.monotonic() - began
+
+    assert elapsed < supervision.CHILD_GRACE_LIMIT, f"the stop took {elapsed:.1f}s"
+    assert ack.already_final[0] == root  # FAILED by the bug, not by this stop
+    assert observer.status(root) == "FAILED"
+    wait_status(observer, child, "TERMINATED")
+    assert_nothing_active(observer, root)
+    wait_until(lambda: rt.live_count == 0, what="both actors gone")

@@ -8,8 +8,10 @@ or of descendants picked from the database, with random ``cascade`` and
 ``wait_timeout`` (0 included: "force everything now"), some in the
 background and some twice at once from two threads. About half the
 examples also plant a bug: the n-th message of one type that any execution
-actor handles raises (property_support.broken_turns); the execution whose
-turn broke must end FAILED with every invariant below intact. A sampler thread reads
+actor handles raises (property_support.broken_turns), and in half of
+those the salvage of that actor raises too (its runtime then writes it from
+outside); the execution whose turn broke must end FAILED with every
+invariant below intact. A sampler thread reads
 every row of the example every ~20 ms; every stop reads its subtree right
 after it returned; the example ends with ``rt.close()``. Then:
 
