@@ -271,12 +271,6 @@ class ExecutionActor(DeferredReplyActor):
             if not stop.queued_only and not self.ending.cascade:
                 self._cascade_to_continuing(self.ending)
             self._tighten(self.ending, stop.deadline)
-            if self.ending.deadline <= time.monotonic() and not self.ending.submitted:
-                # Past our deadline, and the DeadlinePassed that a parent
-                # sends may never come: it is a parent that stopped without
-                # ending, whose runtime tells its orphans to end now.
-                self._force_nodes(self.ending)
-                self._maybe_submit()
             return
         if stop.queued_only and self.started:
             # A non-cascading stop above us: a started child runs on to its own end.
@@ -336,18 +330,22 @@ class ExecutionActor(DeferredReplyActor):
             self._force_nodes(ending)
 
     def _tighten(self, ending: Ending, deadline: float) -> None:
-        """Another stop with an earlier deadline: it wins, for this execution and its pending children."""
-        if deadline >= ending.deadline:
-            return
-        ending.deadline = deadline
-        if ending.timer is not None:
-            ending.timer.cancel()
-        for child_id in ending.pending_children:
-            self._tell_child(self.children[child_id], CascadeStop(reason=ending.reason, deadline=deadline))
-        if deadline <= time.monotonic():
+        """Another stop meets the ending: the earlier deadline wins, for this execution and its pending children.
+
+        A deadline that has passed forces at once, whichever stop set it:
+        the DeadlinePassed a parent sends may never come (a parent that
+        stopped without ending, whose runtime tells its orphans to end now).
+        """
+        if deadline < ending.deadline:
+            ending.deadline = deadline
+            if ending.timer is not None:
+                ending.timer.cancel()
+            for child_id in ending.pending_children:
+                self._tell_child(self.children[child_id], CascadeStop(reason=ending.reason, deadline=deadline))
+            if deadline > time.monotonic():
+                self._arm(ending, deadline)
+        if ending.deadline <= time.monotonic() and not ending.submitted:
             self._force_nodes(ending)
-        else:
-            self._arm(ending, deadline)
         self._maybe_submit()
 
     def _arm(self, ending: Ending, deadline: float, *, grace: float = 0.0) -> None:
@@ -414,8 +412,7 @@ class ExecutionActor(DeferredReplyActor):
         orphaned = CascadeStop(reason=ending.reason, deadline=ending.deadline)
         for child_id in dead_children:
             self.host.live.remove(child_id)
-            for orphan in self.host.live.children_of(child_id).values():
-                _tell(orphan, orphaned)
+            self.host.live.tell_children(child_id, orphaned)
 
     def _force_nodes(self, ending: Ending) -> None:
         """At the deadline: own work still running is terminated anyway; its late results are dropped.

@@ -91,6 +91,11 @@ class LiveActors:
         with self._lock:
             return {i: self._refs[i] for i, identity in self._identities.items() if identity.parent_id == parent_id}
 
+    def tell_children(self, parent_id: str, message: Any) -> None:
+        """Tell ``message`` to the live children of ``parent_id``: the orphans of a parent whose actor stopped."""
+        for ref in self.children_of(parent_id).values():
+            tell_if_live(ref, message)
+
     def tops(self) -> list[tuple[Identity, pykka.ActorRef]]:
         """Live executions whose parent is not live here: where a cascade must start."""
         with self._lock:

@@ -450,9 +450,7 @@ class Runtime(ExecutionViews):
         active, already_final = active_and_final(self._store, execution_id)
         # The live actors under it first, as ExecutionActor._end_orphans: each
         # closes its spawn gate and writes its own subtree, before or after ours.
-        orphaned = CascadeStop(reason=reason, deadline=time.monotonic())
-        for orphan in self._host.live.children_of(execution_id).values():
-            tell_if_live(orphan, orphaned)
+        self._host.live.tell_children(execution_id, CascadeStop(reason=reason, deadline=time.monotonic()))
         self._store.write(*_dead_end(execution_id, reason, error), timeout=timeout)
         self._gone(identity)
         ack = ack_from_database(self._store, execution_id, active, already_final)
