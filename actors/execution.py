@@ -189,17 +189,41 @@ class ExecutionActor(DeferredReplyActor):
             raise
         except Exception as exc:  # noqa: BLE001 - a bug of ours must not leave the execution RUNNING
             if self.salvage is not None:
-                raise  # the salvage itself broke: pykka stops the actor (see on_failure)
+                return self._broken_for_good(message, exc)  # the salvage's own handling broke
             self.log.error("handling %s failed; ending the execution FAILED", type(message).__name__,
                            exc_info=True)
-            return self._salvage(f"internal error while handling {type(message).__name__}: "
-                                 f"{type(exc).__name__}: {exc}")
+            try:
+                return self._salvage(f"internal error while handling {type(message).__name__}: "
+                                     f"{type(exc).__name__}: {exc}")
+            except Exception as salvage_error:  # noqa: BLE001 - see _broken_for_good
+                return self._broken_for_good(message, salvage_error)
         finally:
             self._flush()
 
+    def _broken_for_good(self, message: Any, error: Exception) -> Promise[StopAck] | None:
+        """The salvage broke too: stop this actor, and let its runtime write the execution from outside.
+
+        Done here, not left to pykka: pykka stops an actor whose told
+        message raised, but hands an asked message's error to the asker and
+        runs the actor on, broken. A Stop asked here would then raise, and
+        the execution it asked to stop would run on. Instead every message
+        stops the actor alike, and an asked Stop is answered by the runtime
+        once it has written the execution (see on_failure).
+        """
+        waiter: Promise[StopAck] | None = None
+        if isinstance(message, Stop):
+            waiter = Promise()
+            self.stop_waiters += (waiter,)
+        exc_info = (type(error), error, error.__traceback__)
+        self._handle_failure(*exc_info)  # pykka's: logs the error, marks the actor stopped
+        self.on_failure(*exc_info)
+        return waiter
+
     def on_failure(self, *args: Any) -> None:
-        # Only when the salvage broke too: pykka has stopped this actor, and
-        # the runtime writes the execution FAILED from outside it.
+        # Only when the salvage broke too: this actor has stopped, and the
+        # runtime writes the execution FAILED from outside it. Its running
+        # blocks see stop_event, and a child not begun yet never begins.
+        self.halted.set()
         self.log.error("actor failed", exc_info=args)
         self.host.on_failed(self.identity, f"internal error: its actor failed: {_describe(args[1])}",
                             self._unanswered_stops())

@@ -117,12 +117,19 @@ def active_and_final(store: Store, execution_id: str, cascade: bool = True) -> t
 
 def ack_from_database(store: Store, execution_id: str, active: list[str],
                       already_final: tuple[str, ...]) -> StopAck:
-    """After a stop ended ``active``: its StopAck, read back from the database (whoever wrote each row)."""
-    rows = {row["id"]: row for row in store.subtree(execution_id)}
-    terminated = tuple(i for i in active if rows.get(i, {}).get("status") == ExecutionStatus.TERMINATED.value)
-    forced = tuple(i for i in terminated if rows[i]["stop_forced"])
+    """After a stop ended ``active``: its StopAck, read back from the database (whoever wrote each row).
+
+    A row of ``active`` that ended COMPLETED or FAILED meanwhile (its work
+    finished, or failed, before the stop reached it) ended otherwise: it is
+    named in ``already_final``, as an actor's own ack names it.
+    """
+    statuses = {row["id"]: (row["status"], row["stop_forced"]) for row in store.subtree(execution_id)}
+    terminated = tuple(i for i in active if statuses.get(i, ("",))[0] == ExecutionStatus.TERMINATED.value)
+    ended_otherwise = tuple(i for i in active if i in statuses and i not in terminated
+                            and ExecutionStatus(statuses[i][0]).is_terminal)
+    forced = tuple(i for i in terminated if statuses[i][1])
     return StopAck(execution_id=execution_id, terminated=terminated,
-                   already_final=already_final, forced=forced)
+                   already_final=(*already_final, *ended_otherwise), forced=forced)
 
 
 def _end_without_host(store: Store, execution_id: str, stop: Stop) -> None:

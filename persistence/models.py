@@ -61,8 +61,12 @@ class GraphExecution(_Model):
 
 class NodeExecution(_Model):
     id = peewee.AutoField()
+    # No index of its own: the unique (graph_execution_id, node_id) index
+    # below leads with it and serves every lookup by execution. A second
+    # index only cost every insert and every status write of a node one more
+    # index entry (schema version 6; see schema.py).
     graph_execution = peewee.ForeignKeyField(
-        GraphExecution, column_name="graph_execution_id", on_delete="CASCADE", backref="nodes"
+        GraphExecution, column_name="graph_execution_id", on_delete="CASCADE", backref="nodes", index=False
     )
     node_id = peewee.CharField()
     block = peewee.CharField()

@@ -18,6 +18,11 @@ Version 5: a stop request carries its ``wait_timeout`` to the hosting runtime
            applied 15 s to every request from elsewhere, and its own stop
            watcher handed its own requests back to it with 15 s, cutting a
            longer ``wait_timeout`` short.
+Version 6: node_execution loses its index on ``graph_execution_id`` alone,
+           which the unique (graph_execution_id, node_id) index made
+           redundant. On PostgreSQL a node's status write is not a HOT update
+           (its row moves), so every index of the table gets a new entry:
+           the redundant one made a stop's node write about a third slower.
 """
 from __future__ import annotations
 
@@ -32,11 +37,16 @@ from persistence.models import MODELS, GraphVersionRow, RuntimeRow, SchemaVersio
 
 logger = logging.getLogger(__name__)
 
-LATEST_VERSION = 5
+LATEST_VERSION = 6
 
 # The name peewee gives the (runtime_id, status) index of models.py, which
 # the migration to version 4 creates under the same name.
 RUNTIME_STATUS_INDEX = "graph_execution_runtime_id_status"
+
+# node_execution's unique (graph_execution_id, node_id) index, by the name
+# peewee gives it, and the index its foreign key had up to version 5.
+NODE_INDEX = "node_execution_graph_execution_id_node_id"
+REDUNDANT_NODE_INDEX = "node_execution_graph_execution_id"
 
 # bind_ctx rebinds the model classes for the whole process: one at a time.
 _BIND_LOCK = threading.Lock()
@@ -73,8 +83,16 @@ def _to_version_5(database: peewee.Database) -> None:
     database.execute_sql("ALTER TABLE graph_execution ADD COLUMN stop_requested_by VARCHAR(255)")
 
 
+def _to_version_6(database: peewee.Database) -> None:
+    # Every version created the unique index; it is made sure of first all the
+    # same, so that no database is left without an index on the column.
+    database.execute_sql(f"CREATE UNIQUE INDEX IF NOT EXISTS {NODE_INDEX}"
+                         " ON node_execution (graph_execution_id, node_id)")
+    database.execute_sql(f"DROP INDEX IF EXISTS {REDUNDANT_NODE_INDEX}")
+
+
 MIGRATIONS: dict[int, Callable[[peewee.Database], None]] = {
-    2: _to_version_2, 3: _to_version_3, 4: _to_version_4, 5: _to_version_5}
+    2: _to_version_2, 3: _to_version_3, 4: _to_version_4, 5: _to_version_5, 6: _to_version_6}
 
 
 def current_version(database: peewee.Database) -> int:

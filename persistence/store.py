@@ -41,6 +41,10 @@ _ACTIVE = tuple(sorted(s.value for s in ACTIVE))
 # (its actors have them already), and less those that a pending cascading
 # request on the parent covers: its cascade reaches the row with a deadline
 # as early (a shorter wait_timeout of the row's own is still handed on).
+# An execution's nodes, through the unique (graph_execution_id, node_id) index.
+NODES_SQL = ("SELECT graph_execution_id, node_id, block, status, started_at, ended_at, error"
+             " FROM node_execution WHERE graph_execution_id = ? ORDER BY id")
+
 PENDING_STOPS_SQL = (
     "SELECT g.id, g.user_id, g.stop_cascade, g.stop_reason, g.stop_wait_timeout FROM graph_execution g"
     " LEFT JOIN graph_execution p ON p.id = g.parent_id"
@@ -257,11 +261,7 @@ class Store:
 
     @_translated
     def nodes(self, execution_id: str) -> list[NodeRecord]:
-        rows = self._read(
-            "SELECT graph_execution_id, node_id, block, status, started_at, ended_at, error"
-            " FROM node_execution WHERE graph_execution_id = ? ORDER BY id",
-            [execution_id],
-        )
+        rows = self._read(NODES_SQL, [execution_id])
         return [NodeRecord(r[0], r[1], r[2], ExecutionStatus(r[3]), Dialect.read_time(r[4]),
                            Dialect.read_time(r[5]), r[6]) for r in rows]
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 from hypothesis import assume
 from hypothesis import strategies as st
 
-from actors import Runtime, StopAck, execution, messages
+from actors import Runtime, StopAck, execution, messages, stop_execution
 from tests.helpers import Observer, wait_until
 
 USER = "alice"
@@ -127,6 +127,9 @@ class StopAction:
     mode: "inline" waits for the stop before the next step; "background"
     goes on at once; "concurrent" sends a second stop of the same execution
     from another thread at the same instant (``twin_*`` are its flags).
+    via: "here" is ``rt.stop`` in the hosting runtime; "elsewhere" is
+    ``actors.stop_execution`` on the database URL, as another process
+    stops it (a stop request the host's stop watcher hands on).
     """
 
     delay: float  # seconds after the previous step
@@ -137,6 +140,8 @@ class StopAction:
     mode: str = "inline"
     twin_cascade: bool = True
     twin_wait_timeout: float = 1.0
+    via: str = "here"
+    twin_via: str = "here"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +198,8 @@ STUBBORN_SECONDS = (0.05, 0.3, 1.0)
 # Weighted: agents and sleeps are the common case, failures the spice.
 KINDS = ("sleep", "agent", "sleep", "agent", "late_agent", "coop", "stubborn",
          "late_fail", "held_fail", "explode", "fail", "bad_sleep")
+# One stop in four comes from "another process".
+VIAS = st.sampled_from(("here", "here", "here", "elsewhere"))
 WAIT_TIMEOUTS = st.one_of(st.sampled_from((0.0, 0.05, 0.2, 0.5, 1.0, 2.0)),
                           st.floats(min_value=0.05, max_value=2.0, allow_nan=False))
 
@@ -233,6 +240,8 @@ def stop_actions(draw: Any) -> StopAction:
         mode=draw(st.sampled_from(("inline", "background", "concurrent"))),
         twin_cascade=draw(st.booleans()),
         twin_wait_timeout=draw(WAIT_TIMEOUTS),
+        via=draw(VIAS),
+        twin_via=draw(VIAS),
     )
 
 
@@ -299,12 +308,13 @@ EXAMPLE_NODES = ("SELECT n.id, n.graph_execution_id, n.node_id, n.status, n.star
 
 @dataclasses.dataclass
 class StopRecord:
-    """One ``rt.stop`` call and the subtree read right after it returned."""
+    """One stop call (``rt.stop``, or ``stop_execution`` from "elsewhere") and the subtree read right after it returned."""
 
     label: str
     target: str
     cascade: bool
     wait_timeout: float
+    via: str = "here"
     sent_at: float = 0.0
     returned_at: float | None = None  # None: the call never returned (hung)
     ack: StopAck | None = None
@@ -424,8 +434,12 @@ def _stop_in_thread(rt: Runtime, url: str, record: StopRecord, barrier: threadin
             barrier.wait()
         record.sent_at = time.monotonic()
         try:
-            record.ack = rt.stop(record.target, USER, wait_timeout=record.wait_timeout,
-                                 cascade=record.cascade)
+            if record.via == "elsewhere":
+                record.ack = stop_execution(url, record.target, USER, wait_timeout=record.wait_timeout,
+                                            cascade=record.cascade)
+            else:
+                record.ack = rt.stop(record.target, USER, wait_timeout=record.wait_timeout,
+                                     cascade=record.cascade)
         except Exception as exc:  # noqa: BLE001 - checked by the invariants
             record.error = exc
         returned_at = time.monotonic()
@@ -513,16 +527,16 @@ class _Example:
 
     def _stop(self, rt: Runtime, observer: Observer, number: int, action: StopAction) -> None:
         target = self._target(observer, action)
-        flags = [(action.cascade, action.wait_timeout)]
+        flags = [(action.cascade, action.wait_timeout, action.via)]
         if action.mode == "concurrent":
-            flags.append((action.twin_cascade, action.twin_wait_timeout))
+            flags.append((action.twin_cascade, action.twin_wait_timeout, action.twin_via))
         barrier = threading.Barrier(len(flags), timeout=30) if len(flags) > 1 else None
         started = []
-        for twin, (cascade, wait_timeout) in enumerate(flags):
+        for twin, (cascade, wait_timeout, via) in enumerate(flags):
             record = StopRecord(label=f"stop#{number}{'ab'[twin] if barrier else ''}", target=target,
-                                cascade=cascade, wait_timeout=wait_timeout)
+                                cascade=cascade, wait_timeout=wait_timeout, via=via)
             self.records.append(record)
-            self.note(f"{record.label} ({action.mode}) of {short(target)}: "
+            self.note(f"{record.label} ({action.mode}, from {via}) of {short(target)}: "
                       f"cascade={cascade} wait_timeout={wait_timeout}")
             thread = threading.Thread(target=_stop_in_thread, args=(rt, self.url, record, barrier),
                                       name=f"property-{record.label}", daemon=True)

@@ -350,3 +350,44 @@ def test_a_stop_waiting_on_an_actor_that_breaks_for_good_is_answered_when_its_ru
     wait_status(observer, child, "TERMINATED")
     assert_nothing_active(observer, root)
     wait_until(lambda: rt.live_count == 0, what="both actors gone")
+
+
+def test_a_stop_whose_own_turn_and_salvage_break_is_answered_and_its_execution_written(
+        runtime_factory, observer, monkeypatch):
+    # pykka hands the error of an asked message to the asker and runs the
+    # actor on. Before, the stop raised RuntimeError at once, and the
+    # execution it asked to stop ran on (a nap ended it COMPLETED).
+    rt = runtime_factory(g.graphs(nap=g.sleeper(), top=g.agents("nap", 2)))
+    root = rt.start("top", user_id=USER)
+    rows = wait_tree_running(observer, root, executions=3, naps=2)
+    children = {r["id"] for r in rows} - {root}
+    is_root = lambda actor: actor.identity.execution_id == root  # noqa: E731
+    break_handler(monkeypatch, Stop, is_root)
+    break_salvage(monkeypatch, is_root)
+
+    ack = rt.stop(root, user_id=USER, wait_timeout=5.0)
+
+    assert ack.already_final[0] == root  # FAILED by the bug, not by this stop
+    assert observer.execution(root)["error"] == (
+        "internal error: its actor failed: RuntimeError: the salvage broke too")
+    assert observer.subtree_statuses(root) == {root: "FAILED", **{i: "TERMINATED" for i in children}}
+    assert_nothing_active(observer, root)
+    wait_until(lambda: rt.live_count == 0, what="every actor of the tree gone")
+
+
+def test_the_running_blocks_of_an_actor_that_broke_for_good_see_stop_event(
+        runtime_factory, observer, monkeypatch, gates):
+    # Before, a cooperative block of the dead actor ran on until it ended by
+    # itself: nobody set its stop_event.
+    graph = {"nodes": {"held": {"block": "hold", "input": {"key": "k"}},
+                       "short": {"block": "sleep", "input": {"seconds": 0.05}}}}
+    rt = runtime_factory(g.graphs(top=graph), blocks={"hold": gates.spec})
+    is_top = lambda actor: actor.identity.graph_id == "top"  # noqa: E731
+    break_handler(monkeypatch, NodeFinished, is_top)
+    break_salvage(monkeypatch, is_top)
+
+    root = rt.start("top", user_id=USER)
+
+    wait_until(lambda: gates.outcomes.get("k") == "stopped", 30.0, "the held block to see stop_event")
+    wait_status(observer, root, "FAILED")
+    assert_nothing_active(observer, root)

@@ -59,8 +59,16 @@ def test_tables_columns_and_indexes(runtime_factory, observer):
     assert columns(observer, "schema_version") >= {"version"}
     assert "parent_id" in indexed_columns(observer, "graph_execution")
     assert ("runtime_id", "status") in index_columns(observer, "graph_execution")
+    assert_node_indexes(observer)
     versions = [r["version"] for r in observer.query("SELECT version FROM schema_version")]
     assert max(versions) == persistence.LATEST_VERSION
+
+
+def assert_node_indexes(observer) -> None:
+    """One index serves node lookups by execution: the unique one that leads with it (version 6)."""
+    indexes = index_columns(observer, "node_execution")
+    assert ("graph_execution_id", "node_id") in indexes
+    assert ("graph_execution_id",) not in indexes
 
 
 def test_the_stop_watchers_poll_reads_only_active_rows_through_the_runtime_status_index(tmp_path):
@@ -76,6 +84,22 @@ def test_the_stop_watchers_poll_reads_only_active_rows_through_the_runtime_statu
         details = [row["detail"] for row in plan]
         outer = next(d for d in details if d.startswith("SEARCH g ") or d.startswith("SCAN g"))
         assert "graph_execution_runtime_id_status (runtime_id=? AND status=?)" in outer, details
+    finally:
+        observer.close()
+
+
+def test_an_executions_nodes_are_read_through_the_unique_index(tmp_path):
+    """Version 6 dropped the index on graph_execution_id alone: the unique one must serve the read."""
+    from persistence.store import NODES_SQL
+
+    url = f"sqlite:///{tmp_path / 'nodes.db'}"
+    Runtime(database=url).close()
+    observer = Observer(url)
+    try:
+        plan = observer.query(f"EXPLAIN QUERY PLAN {NODES_SQL}", ("execution",))
+        details = [row["detail"] for row in plan]
+        assert any("node_execution_graph_execution_id_node_id (graph_execution_id=?)" in d
+                   for d in details), details
     finally:
         observer.close()
 
@@ -145,6 +169,10 @@ def _create_version_1(observer) -> None:
         " node_id VARCHAR(255) NOT NULL, block VARCHAR(255) NOT NULL, status VARCHAR(16) NOT NULL,"
         f" started_at {timestamp}, ended_at {timestamp}, error TEXT)"
     )
+    # The two indexes peewee gave node_execution up to version 5.
+    observer.execute("CREATE INDEX node_execution_graph_execution_id ON node_execution (graph_execution_id)")
+    observer.execute("CREATE UNIQUE INDEX node_execution_graph_execution_id_node_id"
+                     " ON node_execution (graph_execution_id, node_id)")
     observer.execute(
         "INSERT INTO graph_execution (id, graph_id, user_id, status, depth, created_at, started_at,"
         " ended_at, inputs, outputs) VALUES (?, 'quick', ?, 'COMPLETED', 0,"
@@ -176,6 +204,7 @@ def test_a_version_1_database_is_migrated_when_a_runtime_opens_it(database_url, 
     assert max(versions) == persistence.LATEST_VERSION
     indexes = index_columns(observer, "graph_execution")
     assert ("runtime_id", "status") in indexes and ("runtime_id",) not in indexes
+    assert_node_indexes(observer)
     # The old rows survive and read as before.
     record = rt.get(old, user_id=USER)
     assert record.status is ExecutionStatus.COMPLETED and record.outputs == {"answer": 1}

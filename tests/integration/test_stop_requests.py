@@ -13,9 +13,11 @@ import threading
 import time
 from typing import Any
 
+import pytest
+
 from actors import StopAck, stop_execution
 from persistence import RequestStop, Store, StopRequest, utcnow
-from tests.helpers import wait_tree_running, wait_until
+from tests.helpers import Observer, wait_tree_running, wait_until
 from tests.integration import graphs as g
 
 USER = "alice"
@@ -186,3 +188,50 @@ def test_a_stop_asked_here_keeps_a_wait_timeout_longer_than_15s(runtime_factory,
     assert ack.terminated == (root,) and ack.forced == ()
     row = observer.execution(root)
     assert row["status"] == "TERMINATED" and not row["stop_forced"]
+
+
+def lock_waiters(observer) -> int:
+    """Backends of this database waiting for a lock (PostgreSQL)."""
+    return observer.query("SELECT count(*) AS n FROM pg_stat_activity"
+                          " WHERE wait_event_type = 'Lock' AND datname = current_database()")[0]["n"]
+
+
+# PostgreSQL only: a row lock holds both writes back after the stopper's
+# read, and pg_stat_activity shows when both wait. SQLite shows nobody
+# waiting for its lock: the test could not tell that the stopper had read.
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("ends", ["released", "raises"])
+def test_a_stop_from_elsewhere_names_an_execution_that_ended_otherwise_meanwhile(
+        ends, runtime_factory, observer, database_url, gates):
+    # The execution ends on its own (COMPLETED, or FAILED) between the
+    # stopper's read of the subtree and its request reaching the host.
+    # Before, the ack named it nowhere: not in terminated (it did not end
+    # TERMINATED), not in already_final (it was active when read).
+
+    def hold_then(ctx: Any, key: str) -> dict[str, Any]:
+        gates.block(ctx, key)
+        if ends == "raises":
+            raise RuntimeError("the work failed on its own")
+        return {"value": "done"}
+
+    rt = runtime_factory(g.graphs(held={"nodes": {"h": {"block": "hold", "input": {"key": "h"}}}}),
+                         blocks={"hold": (hold_then, ("key",), ("value",))})
+    root = rt.start("held", user_id=USER)
+    wait_until(lambda: gates.started == ["h"] and observer.status(root) == "RUNNING", 30.0, "the hold to run")
+    holder = Observer(database_url)
+    try:
+        holder.execute("BEGIN")
+        holder.query("SELECT id FROM graph_execution WHERE id = ? FOR UPDATE", (root,))
+        gates.open("h")  # the execution ends; its final write waits for the row
+        wait_until(lambda: lock_waiters(observer) == 1, 30.0, "the host's final write to wait for the row")
+        stop = StopInThread(database_url, root, wait_timeout=5.0)  # reads it RUNNING, then waits too
+        wait_until(lambda: lock_waiters(observer) == 2, 30.0, "the stop request to wait for the row")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+    ack = stop.result()
+
+    status = "COMPLETED" if ends == "released" else "FAILED"
+    assert observer.status(root) == status
+    assert ack.already_final == (root,) and ack.terminated == ()
