@@ -585,8 +585,10 @@ def cmd_watch(args: argparse.Namespace) -> int:
     and exits 3.
     """
     from actors import Client
+    from persistence import require_existing
 
     color = use_color(sys.stdout, args.color)
+    require_existing(args.db)  # a Client would create it: watching must not
     with Client(args.db) as client:
         client.get(args.execution_id)  # NotFound at once, not after a first wait
         last: Any = None  # follow ends only after the watched execution's terminal change

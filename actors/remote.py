@@ -32,6 +32,7 @@ from persistence import (
     TerminateSubtree,
     TerminateUnclaimed,
     is_gone,
+    require_existing,
     utcnow,
 )
 
@@ -55,6 +56,9 @@ def stop_execution(database: str | None, execution_id: str, user_id: str, *, cas
     then recovers ends TERMINATED, not FAILED.
     """
     check_stop(wait_timeout, cascade, reason)
+    # There is nothing to stop in a database that does not exist: say so,
+    # rather than create an empty one and report the id as unknown.
+    require_existing(database)
     store = Store.open(database)
     try:
         record = owned_record(store, execution_id, user_id)
@@ -104,7 +108,7 @@ def stop_elsewhere(store: Store, record: ExecutionRecord, stop: Stop) -> StopAck
                 f"execution {execution_id} is not terminal {stop.wait_timeout + GRACE:.0f}s after the stop "
                 f"request; its runtime {host['id']} (host {host['host']}, pid {host['pid']}) does not answer")
         time.sleep(WAIT_INTERVAL)
-    return ack_from_database(store, execution_id, active, already_final)
+    return ack_from_database(store, execution_id, active, already_final, stop.cascade)
 
 
 def active_and_final(store: Store, execution_id: str, cascade: bool = True) -> tuple[list[str], tuple[str, ...]]:
@@ -116,18 +120,24 @@ def active_and_final(store: Store, execution_id: str, cascade: bool = True) -> t
 
 
 def ack_from_database(store: Store, execution_id: str, active: list[str],
-                      already_final: tuple[str, ...]) -> StopAck:
+                      already_final: tuple[str, ...], cascade: bool = True) -> StopAck:
     """After a stop ended ``active``: its StopAck, read back from the database (whoever wrote each row).
 
     A row of ``active`` that ended COMPLETED or FAILED meanwhile (its work
     finished, or failed, before the stop reached it) ended otherwise: it is
-    named in ``already_final``, as an actor's own ack names it.
+    named in ``already_final``, as an actor's own ack names it. A cascading
+    stop also answers for the children born after ``active`` was read (an
+    agent node that started one just before the stop reached its host).
     """
-    statuses = {row["id"]: (row["status"], row["stop_forced"]) for row in store.subtree(execution_id)}
-    terminated = tuple(i for i in active if statuses.get(i, ("",))[0] == ExecutionStatus.TERMINATED.value)
-    ended_otherwise = tuple(i for i in active if i in statuses and i not in terminated
-                            and ExecutionStatus(statuses[i][0]).is_terminal)
-    forced = tuple(i for i in terminated if statuses[i][1])
+    rows = {row["id"]: row for row in store.subtree(execution_id)}
+    scope = list(active)
+    if cascade:
+        known = {*active, *already_final}
+        scope += [i for i in rows if i not in known]
+    ended = [i for i in scope if i in rows and ExecutionStatus(rows[i]["status"]).is_terminal]
+    terminated = tuple(i for i in ended if rows[i]["status"] == ExecutionStatus.TERMINATED.value)
+    ended_otherwise = tuple(i for i in ended if i not in terminated)
+    forced = tuple(i for i in terminated if rows[i]["stop_forced"])
     return StopAck(execution_id=execution_id, terminated=terminated,
                    already_final=(*already_final, *ended_otherwise), forced=forced)
 

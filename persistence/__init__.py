@@ -2,7 +2,7 @@
 
 It never imports ``actors``: the runtime depends on the store, not the reverse.
 """
-from persistence.database import default_url, is_postgresql, redact
+from persistence.database import default_url, is_postgresql, redact, require_existing
 from persistence.dialect import utcnow
 from persistence.promise import Promise
 from persistence.errors import (
@@ -47,7 +47,7 @@ __all__ = [
     # Graph versions, submitted roots and worker claims
     "StoreGraphVersions", "WakeWorkers", "ClaimRoots", "ClaimedRoot", "TerminateUnclaimed",
     "LATEST_VERSION", "current_version", "default_url", "is_postgresql", "redact", "utcnow", "is_gone", "pid_alive",
-    "forget_runtime",
+    "forget_runtime", "require_existing",
     # Errors
     "ActorGraphError", "NotFound", "PermissionDenied", "DatabaseError", "LeaseLost", "TransitionRejected",
 ]

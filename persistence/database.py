@@ -177,6 +177,20 @@ def open_database(url: str | None = None) -> SqliteDatabase | PostgresqlDatabase
     return database
 
 
+def require_existing(url: str | None = None) -> None:
+    """Refuse a SQLite URL whose file does not exist (a server's database is checked by connecting).
+
+    For whoever only reads or stops what is there: opening would create an
+    empty database, and a mistyped path would look like an unknown id.
+
+    Raises:
+        DatabaseError: the file does not exist.
+    """
+    url = url or default_url()
+    if urlparse(url).scheme == "sqlite" and not os.path.exists(url[len("sqlite:///"):]):
+        raise DatabaseError(f"database file {url[len('sqlite:///'):]} does not exist")
+
+
 def _first_connect(database: SqliteDatabase | PostgresqlDatabase) -> None:
     """Connect once; on SQLite, wait (up to the busy timeout) while another process holds the lock.
 

@@ -20,9 +20,10 @@ Version 5: a stop request carries its ``wait_timeout`` to the hosting runtime
            longer ``wait_timeout`` short.
 Version 6: node_execution loses its index on ``graph_execution_id`` alone,
            which the unique (graph_execution_id, node_id) index made
-           redundant. On PostgreSQL a node's status write is not a HOT update
-           (its row moves), so every index of the table gets a new entry:
-           the redundant one made a stop's node write about a third slower.
+           redundant. On PostgreSQL a node's status write rarely finds room
+           on its row's page (a HOT update), so every index of the table gets
+           a new entry: the redundant one made a stop's node statement about
+           a third slower.
 """
 from __future__ import annotations
 

@@ -35,16 +35,16 @@ T = TypeVar("T")
 
 _ACTIVE = tuple(sorted(s.value for s in ACTIVE))
 
+# An execution's nodes, through the unique (graph_execution_id, node_id) index.
+NODES_SQL = ("SELECT graph_execution_id, node_id, block, status, started_at, ended_at, error"
+             " FROM node_execution WHERE graph_execution_id = ? ORDER BY id")
+
 # The stop watcher's poll, ten times a second: its runtime's active rows with
 # a stop request (the index on (runtime_id, status) finds them without
 # reading the rows it finished), less the requests the runtime made itself
 # (its actors have them already), and less those that a pending cascading
 # request on the parent covers: its cascade reaches the row with a deadline
 # as early (a shorter wait_timeout of the row's own is still handed on).
-# An execution's nodes, through the unique (graph_execution_id, node_id) index.
-NODES_SQL = ("SELECT graph_execution_id, node_id, block, status, started_at, ended_at, error"
-             " FROM node_execution WHERE graph_execution_id = ? ORDER BY id")
-
 PENDING_STOPS_SQL = (
     "SELECT g.id, g.user_id, g.stop_cascade, g.stop_reason, g.stop_wait_timeout FROM graph_execution g"
     " LEFT JOIN graph_execution p ON p.id = g.parent_id"
@@ -115,8 +115,8 @@ class Store:
         as empty, and it refuses a schema older than this code's.
         """
         url = url or databases.default_url()
-        if read_only and url.startswith("sqlite:///") and not os.path.exists(url[len("sqlite:///"):]):
-            raise DatabaseError(f"database file {url[len('sqlite:///'):]} does not exist")
+        if read_only:
+            databases.require_existing(url)
         database = databases.open_database(url)
         if not read_only:
             ensure_schema(database)

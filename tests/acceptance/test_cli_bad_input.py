@@ -65,3 +65,20 @@ def test_bad_inputs_leave_a_used_database_unchanged(cli, workdir, database_url):
         result = cli.call(*args, db=db)
         _check_one_clear_line(result)
         assert database_snapshot(database_url) == before, f"{case} changed the database"
+
+
+ANY_ID = "00000000-0000-4000-8000-000000000000"
+
+
+@pytest.mark.parametrize("args", [("list",), ("tree", ANY_ID), ("watch", ANY_ID), ("stop", ANY_ID, "--user", "alice")],
+                         ids=lambda args: args[0])
+def test_commands_that_only_read_or_stop_refuse_a_sqlite_file_that_does_not_exist(args, cli, workdir):
+    # Before, watch and stop created the (mistyped) database and then said
+    # the id did not exist (exit 5), leaving an empty database behind.
+    missing = workdir / "mistyped.db"
+
+    result = cli.call(*args, db=f"sqlite:///{missing}")
+
+    _check_one_clear_line(result)
+    assert "does not exist" in result.stderr_lines[0], result.describe()
+    assert not missing.exists(), "the command created the database"

@@ -235,3 +235,40 @@ def test_a_stop_from_elsewhere_names_an_execution_that_ended_otherwise_meanwhile
     status = "COMPLETED" if ends == "released" else "FAILED"
     assert observer.status(root) == status
     assert ack.already_final == (root,) and ack.terminated == ()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)  # as above
+def test_a_stop_from_elsewhere_names_a_child_born_after_it_read_the_subtree(
+        runtime_factory, observer, database_url, gates):
+    # The root's agent starts a child after the stopper read the subtree
+    # and before its request reached the host; the host's cascade ends it.
+    # Before, the ack left it out: it named only the rows it had read.
+    def hold_then_name(ctx: Any, key: str) -> dict[str, Any]:
+        gates.block(ctx, key)
+        return {"value": "nap"}  # the graph the agent then starts
+
+    graph = {"nodes": {"h": {"block": "hold", "input": {"key": "h"}},
+                       "spawn": {"block": "agent", "input": {"inputs": {}}}},
+             "links": [{"from": "h.value", "to": "spawn.graph"}]}
+    rt = runtime_factory(g.graphs(top=graph, nap=g.sleeper()),
+                         blocks={"hold": (hold_then_name, ("key",), ("value",))})
+    root = rt.start("top", user_id=USER)
+    wait_until(lambda: gates.started == ["h"] and observer.status(root) == "RUNNING", 30.0, "the hold to run")
+    holder = Observer(database_url)
+    try:
+        # NO KEY UPDATE: the request's UPDATE waits, a child's insert (a key share) does not.
+        holder.execute("BEGIN")
+        holder.query("SELECT id FROM graph_execution WHERE id = ? FOR NO KEY UPDATE", (root,))
+        stop = StopInThread(database_url, root, wait_timeout=5.0)  # reads the root alone, then waits
+        wait_until(lambda: lock_waiters(observer) == 1, 30.0, "the stop request to wait for the row")
+        gates.open("h")
+        wait_until(lambda: len(observer.subtree(root)) == 2, 30.0, "the child to be born")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+    ack = stop.result()
+
+    child = next(row["id"] for row in observer.subtree(root) if row["id"] != root)
+    assert set(observer.subtree_statuses(root).values()) == {"TERMINATED"}
+    assert set(ack.terminated) == {root, child}
