@@ -174,7 +174,8 @@ class ExecutionActor(DeferredReplyActor):
             # pykka's own ``ref.stop()`` stops the execution, as ``rt.stop``
             # does: its subtree is written TERMINATED before the actor stops.
             # Stopping the actor alone would leave its rows RUNNING for good.
-            return self._on_stop(Stop(user_id=self.identity.user_id, reason="its actor was stopped"))
+            # Through on_receive, as any Stop: a bug in it is salvaged too.
+            return self.on_receive(Stop(user_id=self.identity.user_id, reason="its actor was stopped"))
         return super()._handle_receive(message)
 
     def on_receive(self, message: Any) -> Any:

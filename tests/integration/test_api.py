@@ -6,6 +6,7 @@ import json
 import logging
 import threading
 import time
+from typing import Any
 
 import pykka
 import pytest
@@ -506,3 +507,28 @@ def test_log_records_carry_execution_parent_and_root_ids(runtime_factory, observ
         assert child in record.getMessage()
     about_root = [r for r in caplog.records if getattr(r, "execution_id", None) == root]
     assert about_root and all(not r.parent_id and r.root_id == root for r in about_root)
+
+
+def test_pykkas_own_stop_of_an_execution_whose_stop_breaks_ends_it_failed(runtime_factory, observer, monkeypatch):
+    # A bug in the stop itself is salvaged as in any turn. Before, pykka's
+    # stop bypassed the salvage: ref.stop() raised the bug, and the tree ran on.
+    from actors import execution
+    from actors.messages import Stop
+
+    rt = runtime_factory(g.graphs(leaf=g.leaf(), parent=g.agents("leaf", 2, {"seconds": g.LONG})))
+    root = rt.start("parent", user_id=USER)
+    rows = wait_tree_running(observer, root, executions=3, naps=2)
+    children = {r["id"] for r in rows} - {root}
+
+    def broken(actor: Any, stop: Any) -> Any:
+        raise RuntimeError("a bug in the stop")
+
+    # Wherever the stop is looked up: the handler table, or the method itself.
+    monkeypatch.setitem(execution._HANDLERS, Stop, broken)
+    monkeypatch.setattr(execution.ExecutionActor, "_on_stop", broken)
+
+    assert rt.actor(root).stop(timeout=30) is True
+
+    assert observer.subtree_statuses(root) == {root: "FAILED", **{i: "TERMINATED" for i in children}}
+    assert "a bug in the stop" in observer.execution(root)["error"]
+    wait_until(lambda: rt.live_count == 0, what="every actor of the tree gone")
