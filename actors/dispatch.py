@@ -27,6 +27,7 @@ import logging
 import queue
 import sys
 import threading
+from types import TracebackType
 from typing import Any, ClassVar, Self
 
 import pykka
@@ -263,6 +264,19 @@ class PooledActor(pykka.Actor):
         """
         self._stop()
 
+    def fail_in_turn(self, exc_info: tuple[type[BaseException] | None, BaseException | None, TracebackType | None],
+                     ) -> None:
+        """Fail now, from this actor's own turn, as pykka fails an actor whose told message raised.
+
+        The actor is marked stopped (the rest of its inbox is answered as
+        after any stop), then ``on_failure`` runs; an error there is logged.
+        """
+        self._handle_failure(*exc_info)
+        try:
+            self.on_failure(*exc_info)
+        except Exception:  # noqa: BLE001 - as pykka: reported, the actor is stopped already
+            self._handle_failure(*sys.exc_info())
+
     @staticmethod
     def _create_actor_inbox() -> Mailbox:
         return Mailbox()
@@ -294,11 +308,7 @@ class PooledActor(pykka.Actor):
                 logger.info("Exception returned from %s to caller:", self, exc_info=sys.exc_info())
                 envelope.reply_to.set_exception()
             else:
-                self._handle_failure(*sys.exc_info())
-                try:
-                    self.on_failure(*sys.exc_info())
-                except Exception:  # noqa: BLE001
-                    self._handle_failure(*sys.exc_info())
+                self.fail_in_turn(sys.exc_info())
         except BaseException:  # noqa: BLE001 - as pykka: stop everything, never block here
             logger.debug("%r in %s. Stopping all actors.", sys.exc_info()[1], self)
             self._stop()

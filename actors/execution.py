@@ -215,9 +215,7 @@ class ExecutionActor(DeferredReplyActor):
         if isinstance(message, Stop):
             waiter = Promise()
             self.stop_waiters += (waiter,)
-        exc_info = (type(error), error, error.__traceback__)
-        self._handle_failure(*exc_info)  # pykka's: logs the error, marks the actor stopped
-        self.on_failure(*exc_info)
+        self.fail_in_turn((type(error), error, error.__traceback__))
         return waiter
 
     def on_failure(self, *args: Any) -> None:

@@ -9,9 +9,10 @@ must not hand it back to its own actor with another timeout.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -190,6 +191,19 @@ def test_a_stop_asked_here_keeps_a_wait_timeout_longer_than_15s(runtime_factory,
     assert row["status"] == "TERMINATED" and not row["stop_forced"]
 
 
+@contextlib.contextmanager
+def row_locked(database_url: str, execution_id: str, mode: str) -> Iterator[None]:
+    """Hold a row lock (``FOR <mode>``) on the execution's row from a connection of the test's own."""
+    holder = Observer(database_url)
+    try:
+        holder.execute("BEGIN")
+        holder.query(f"SELECT id FROM graph_execution WHERE id = ? FOR {mode}", (execution_id,))
+        yield
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
 def lock_waiters(observer) -> int:
     """Backends of this database waiting for a lock (PostgreSQL)."""
     return observer.query("SELECT count(*) AS n FROM pg_stat_activity"
@@ -218,17 +232,11 @@ def test_a_stop_from_elsewhere_names_an_execution_that_ended_otherwise_meanwhile
                          blocks={"hold": (hold_then, ("key",), ("value",))})
     root = rt.start("held", user_id=USER)
     wait_until(lambda: gates.started == ["h"] and observer.status(root) == "RUNNING", 30.0, "the hold to run")
-    holder = Observer(database_url)
-    try:
-        holder.execute("BEGIN")
-        holder.query("SELECT id FROM graph_execution WHERE id = ? FOR UPDATE", (root,))
+    with row_locked(database_url, root, "UPDATE"):
         gates.open("h")  # the execution ends; its final write waits for the row
         wait_until(lambda: lock_waiters(observer) == 1, 30.0, "the host's final write to wait for the row")
         stop = StopInThread(database_url, root, wait_timeout=5.0)  # reads it RUNNING, then waits too
         wait_until(lambda: lock_waiters(observer) == 2, 30.0, "the stop request to wait for the row")
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
 
     ack = stop.result()
 
@@ -254,18 +262,12 @@ def test_a_stop_from_elsewhere_names_a_child_born_after_it_read_the_subtree(
                          blocks={"hold": (hold_then_name, ("key",), ("value",))})
     root = rt.start("top", user_id=USER)
     wait_until(lambda: gates.started == ["h"] and observer.status(root) == "RUNNING", 30.0, "the hold to run")
-    holder = Observer(database_url)
-    try:
-        # NO KEY UPDATE: the request's UPDATE waits, a child's insert (a key share) does not.
-        holder.execute("BEGIN")
-        holder.query("SELECT id FROM graph_execution WHERE id = ? FOR NO KEY UPDATE", (root,))
+    # NO KEY UPDATE: the request's UPDATE waits, a child's insert (a key share) does not.
+    with row_locked(database_url, root, "NO KEY UPDATE"):
         stop = StopInThread(database_url, root, wait_timeout=5.0)  # reads the root alone, then waits
         wait_until(lambda: lock_waiters(observer) == 1, 30.0, "the stop request to wait for the row")
         gates.open("h")
         wait_until(lambda: len(observer.subtree(root)) == 2, 30.0, "the child to be born")
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
 
     ack = stop.result()
 
