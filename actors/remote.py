@@ -54,6 +54,15 @@ def stop_execution(database: str | None, execution_id: str, user_id: str, *, cas
     Unlike opening a ``Runtime``, this does not recover lost runtimes before
     it starts: it persists the stop request first, so that a crashed tree it
     then recovers ends TERMINATED, not FAILED.
+
+    Raises:
+        InvalidInput, NotFound, PermissionDenied: nothing changes anywhere.
+        DatabaseError: the database did not answer. Before the stop request
+            was committed (the database was away when this began), nothing
+            was stopped. After it, the message says so: the stop completes
+            when the database answers, without another call.
+        StopTimeout: the hosting runtime did not end the subtree within
+            ``wait_timeout`` + GRACE s.
     """
     check_stop(wait_timeout, cascade, reason)
     # There is nothing to stop in a database that does not exist: say so,
@@ -97,6 +106,20 @@ def stop_elsewhere(store: Store, record: ExecutionRecord, stop: Stop) -> StopAck
     # past it, as a stop asked in that process would.
     store.write(RequestStop(execution_id=execution_id, reason=stop.reason, cascade=stop.cascade, at=utcnow(),
                             wait_timeout=stop.wait_timeout))
+    try:
+        _wait_until_ended(store, execution_id, active, stop)
+        return ack_from_database(store, execution_id, active, already_final, stop.cascade)
+    except DatabaseError as exc:
+        # The request is on record: its host (or, if the host is gone, the
+        # next recovery) ends the rows TERMINATED whether we watch or not.
+        raise DatabaseError(
+            f"the database stopped answering while execution {execution_id} was stopping ({exc}); its stop "
+            f"request is on record, so the stop will complete when the database answers: its runtime ends "
+            f"the rows TERMINATED, or the recovery of a lost runtime does, without another call") from exc
+
+
+def _wait_until_ended(store: Store, execution_id: str, active: list[str], stop: Stop) -> None:
+    """Wait until ``active`` is terminal in the database, ending it here if its runtime is gone."""
     deadline = time.monotonic() + stop.wait_timeout + GRACE
     while store.count_active(active):
         host = store.runtime_of(execution_id)
@@ -108,7 +131,6 @@ def stop_elsewhere(store: Store, record: ExecutionRecord, stop: Stop) -> StopAck
                 f"execution {execution_id} is not terminal {stop.wait_timeout + GRACE:.0f}s after the stop "
                 f"request; its runtime {host['id']} (host {host['host']}, pid {host['pid']}) does not answer")
         time.sleep(WAIT_INTERVAL)
-    return ack_from_database(store, execution_id, active, already_final, stop.cascade)
 
 
 def active_and_final(store: Store, execution_id: str, cascade: bool = True) -> tuple[list[str], tuple[str, ...]]:

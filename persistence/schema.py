@@ -115,6 +115,14 @@ def ensure_schema(database: peewee.Database) -> int:
     """
     with _BIND_LOCK, database.bind_ctx(MODELS), database.connection_context():
         try:
+            # A database already at this version (the common case) is only
+            # read, without the schema lock: SQLite's is its write lock, which
+            # another process may hold past the busy timeout, and a stop from
+            # elsewhere must not fail for it. Under the lock the version is
+            # read again: another process may have migrated meanwhile.
+            found = current_version(database)
+            if found == LATEST_VERSION:
+                return found
             with database.atomic():
                 _lock_schema(database)
                 return _upgrade(database)

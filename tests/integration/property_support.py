@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime as dt
+import sys
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 from hypothesis import assume
 from hypothesis import strategies as st
 
 from actors import Runtime, StopAck, execution, messages, stop_execution
+from tests.faultkit import SqliteLockHolder
 from tests.helpers import Observer, wait_until
 
 USER = "alice"
@@ -47,6 +50,12 @@ MAX_EXECUTIONS = 40
 
 ACTIVE = ("QUEUED", "RUNNING")
 TERMINAL = ("COMPLETED", "FAILED", "TERMINATED")
+
+# What a stop that cannot persist promises in its DatabaseError (Runtime.stop):
+# it completes by itself once the database answers, which an example with
+# outages checks for up to PROMISE_KEPT_WITHIN s after the last one healed.
+PROMISE = "when the database answers"
+PROMISE_KEPT_WITHIN = 30.0
 
 
 # -- scenarios -------------------------------------------------------------------
@@ -262,6 +271,37 @@ def scenarios(draw: Any) -> Scenario:
     return scenario
 
 
+@dataclasses.dataclass(frozen=True)
+class Outage:
+    """A fault on the runtime's path to the database, ``at`` s after the last root started.
+
+    On PostgreSQL (a ``TcpProxy``): kind "cut" resets every open connection
+    and refuses every new one for ``seconds`` (a partition, or a server that
+    is down); "blip" resets every open connection once, and new ones go
+    through (a restart that is over at once). The test's own connections go
+    around the proxy. On SQLite (``LockedSqlite``): another process holds
+    the write lock for ``seconds``, or for an instant.
+    """
+
+    kind: str
+    at: float
+    seconds: float = 0.0
+
+
+OUTAGE_AT = (0.0, 0.05, 0.1, 0.3, 0.6, 1.0)
+# A lock holder of a test that died lets go by itself after this long.
+LOCK_MAX_HOLD = 30.0
+OUTAGE_SECONDS = (0.05, 0.2, 0.5, 1.0, 2.0, 7.0)
+
+
+def outages() -> st.SearchStrategy[tuple[Outage, ...]]:
+    """One or two outages, in the order they begin."""
+    one = st.one_of(
+        st.builds(Outage, kind=st.just("cut"), at=st.sampled_from(OUTAGE_AT), seconds=st.sampled_from(OUTAGE_SECONDS)),
+        st.builds(Outage, kind=st.just("blip"), at=st.sampled_from(OUTAGE_AT)))
+    return st.lists(one, min_size=1, max_size=2).map(lambda drawn: tuple(sorted(drawn, key=lambda o: o.at)))
+
+
 # -- user blocks -------------------------------------------------------------------
 
 def coop(ctx: Any, seconds: float) -> dict[str, Any]:
@@ -317,6 +357,7 @@ class StopRecord:
     via: str = "here"
     sent_at: float = 0.0
     returned_at: float | None = None  # None: the call never returned (hung)
+    returned_wall: dt.datetime | None = None  # the same moment in UTC, to compare with the rows' timestamps
     ack: StopAck | None = None
     error: BaseException | None = None  # what rt.stop raised
     harness_error: BaseException | None = None  # the test's own machinery failed
@@ -383,6 +424,100 @@ class Sampler:
                 from self.error
 
 
+class FaultPath(Protocol):
+    """What the outages need of the runtime's path to the database (``TcpProxy``, ``LockedSqlite``)."""
+
+    def cut(self) -> None: ...
+
+    def heal(self) -> None: ...
+
+    def drop_all(self) -> None: ...
+
+
+class LockedSqlite:
+    """The outages of a SQLite database: another process holds its write lock.
+
+    ``cut`` takes the lock (a new ``SqliteLockHolder`` each time) and
+    ``heal`` lets go; a blip holds it for an instant. Readers go on reading
+    (WAL), so the test's own reads see every row throughout.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._holder: SqliteLockHolder | None = None
+
+    def cut(self) -> None:
+        self.heal()
+        self._holder = SqliteLockHolder(self._path, max_hold=LOCK_MAX_HOLD)
+        self._holder.acquire()
+
+    def heal(self) -> None:
+        holder, self._holder = self._holder, None
+        if holder is not None:
+            holder.close()
+
+    def drop_all(self) -> None:
+        self.cut()
+        self.heal()
+
+
+class OutageInjector:
+    """A thread that puts each ``Outage`` on ``path`` at its time; ``windows`` says when each was on.
+
+    ``finish`` waits for the schedule to run out (it is bounded: at most two
+    outages of at most OUTAGE_SECONDS[-1] each) and heals the path whatever
+    happened, so that an example never leaves it cut.
+    """
+
+    def __init__(self, path: FaultPath, planned: tuple[Outage, ...], note: Callable[..., None]) -> None:
+        self.windows: list[tuple[float, float]] = []  # (on, off), time.monotonic()
+        self.error: BaseException | None = None
+        self._path = path
+        self._planned = planned
+        self._note = note
+        self._began = time.monotonic()
+        self._abort = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="property-outages", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for outage in self._planned:
+                # Drawn inputs: when each outage begins and how long it lasts, not waits.
+                if self._abort.wait(max(0.0, self._began + outage.at - time.monotonic())):
+                    return
+                on = time.monotonic()
+                if outage.kind == "blip":
+                    self._path.drop_all()
+                    self._note("outage: every connection of the runtime reset", at=on)
+                    self.windows.append((on, on))
+                    continue
+                self._path.cut()
+                self._note(f"outage: the runtime's path to the database cut for {outage.seconds}s", at=on)
+                self._abort.wait(outage.seconds)
+                self._path.heal()
+                off = time.monotonic()
+                self._note("outage: healed", at=off)
+                self.windows.append((on, off))
+        except BaseException as exc:  # noqa: BLE001 - reported by finish()
+            self.error = exc
+
+    def finish(self, abort: bool = False) -> None:
+        """Let the schedule run out (or cut it short with ``abort``), then make sure the path is healed."""
+        if abort:
+            self._abort.set()
+        bound = sum(o.at + o.seconds for o in self._planned) + 30.0
+        self._thread.join(timeout=bound)
+        self._abort.set()
+        self._thread.join(timeout=30.0)
+        self._path.heal()
+        if self._thread.is_alive():
+            raise AssertionError("the outage injector did not finish (a test bug, not an invariant)")
+        if self.error is not None:
+            raise AssertionError(f"the outage injector failed (a test bug, not an invariant): {self.error!r}") \
+                from self.error
+
+
 @dataclasses.dataclass
 class Outcome:
     """What one example did and saw."""
@@ -393,6 +528,10 @@ class Outcome:
     samples: list[Sample]
     final: Sample | None  # read after rt.close()
     log: list[str]
+    outages: list[tuple[float, float]] = dataclasses.field(default_factory=list)  # (on, off), monotonic
+    # Stops that raised DatabaseError promising to complete on their own, whose
+    # subtree was still active PROMISE_KEPT_WITHIN s after the last outage healed.
+    broken_promises: list[str] = dataclasses.field(default_factory=list)
 
     def timeline(self) -> str:
         """The example's log, then its final tree (read after rt.close()) with every status."""
@@ -418,12 +557,30 @@ class Outcome:
         return "\n".join(lines)
 
 
+def abandons(row: dict[str, Any]) -> bool:
+    """Ended by a non-cascading stop: its RUNNING children run on, no longer its subtree's."""
+    return row["status"] == "TERMINATED" and not row["stop_cascade"]
+
+
+def stopped_ids(record: StopRecord) -> set[str]:
+    """What the stop answers for, from the rows read right after it returned.
+
+    Non-cascading: the execution alone. Cascading: the execution and all its
+    descendants, those a non-cascading stop left running included.
+    """
+    if not record.cascade:
+        return {record.target}
+    return {r["id"] for r in record.rows}
+
+
 def short(execution_id: str) -> str:
     """How ids appear in the timeline (the final tree closing it names them all)."""
     return execution_id[:8]
 
 
-def _stop_in_thread(rt: Runtime, url: str, record: StopRecord, barrier: threading.Barrier | None) -> None:
+def _stop_in_thread(rt: Runtime, url: str, record: StopRecord, barrier: threading.Barrier | None,
+                    stopper_url: str) -> None:
+    """``url``: the test's own path to the database; ``stopper_url``: the one a stop from elsewhere takes."""
     try:
         observer = Observer(url)  # opened first: the read after the return is immediate
     except BaseException as exc:  # noqa: BLE001 - reported as a harness error
@@ -435,7 +592,7 @@ def _stop_in_thread(rt: Runtime, url: str, record: StopRecord, barrier: threadin
         record.sent_at = time.monotonic()
         try:
             if record.via == "elsewhere":
-                record.ack = stop_execution(url, record.target, USER, wait_timeout=record.wait_timeout,
+                record.ack = stop_execution(stopper_url, record.target, USER, wait_timeout=record.wait_timeout,
                                             cascade=record.cascade)
             else:
                 record.ack = rt.stop(record.target, USER, wait_timeout=record.wait_timeout,
@@ -443,6 +600,7 @@ def _stop_in_thread(rt: Runtime, url: str, record: StopRecord, barrier: threadin
         except Exception as exc:  # noqa: BLE001 - checked by the invariants
             record.error = exc
         returned_at = time.monotonic()
+        record.returned_wall = dt.datetime.now(dt.timezone.utc)
         record.rows = observer.query(SUBTREE_ROWS, (record.target,))
         record.nodes = observer.query(SUBTREE_NODES, (record.target,))
         record.returned_at = returned_at
@@ -455,8 +613,14 @@ def _stop_in_thread(rt: Runtime, url: str, record: StopRecord, barrier: threadin
 class _Example:
     """Runs one scenario; every thread it starts is joined (bounded) before it returns."""
 
-    def __init__(self, url: str, scenario: Scenario, slack: float) -> None:
+    def __init__(self, url: str, scenario: Scenario, slack: float, path: FaultPath | None = None,
+                 runtime_url: str | None = None, planned: tuple[Outage, ...] = ()) -> None:
         self.url = url
+        self.runtime_url = runtime_url or url
+        self.path = path
+        self.planned = planned
+        self.injector: OutageInjector | None = None
+        self.broken_promises: list[str] = []
         self.scenario = scenario
         self.slack = slack
         self.began = time.monotonic()
@@ -474,7 +638,7 @@ class _Example:
             return self._run()
 
     def _run(self) -> Outcome:
-        rt = Runtime(database=self.url, failure_timeout=FAILURE_TIMEOUT)
+        rt = Runtime(database=self.runtime_url, failure_timeout=FAILURE_TIMEOUT)
         sampler: Sampler | None = None
         final: Sample | None = None
         try:
@@ -485,12 +649,19 @@ class _Example:
             observer = Observer(self.url)
             try:
                 self._start_roots(rt)
+                if self.path is not None and self.planned:
+                    self.injector = OutageInjector(self.path, self.planned, self.note)
                 for number, action in enumerate(self.scenario.stops):
                     time.sleep(action.delay)  # a drawn input: when the stop is sent, not a wait
                     self._stop(rt, observer, number, action)
             finally:
-                observer.close()
                 self._join_all()
+                try:
+                    if self.injector is not None:
+                        self.injector.finish(abort=sys.exc_info()[0] is not None)
+                        self._check_promises(observer)
+                finally:
+                    observer.close()
             last = max((r.returned_at for r in self.records if r.returned_at is not None), default=0.0)
             wait_until(lambda: sampler.has_sample_after(last + SETTLE), 30.0, "a sample after the last stop")
         finally:
@@ -508,7 +679,35 @@ class _Example:
                         observer.close()
         log = [f"{at - self.began:7.3f}s {text}" for at, text in sorted(self.log, key=lambda entry: entry[0])]
         return Outcome(began=self.began, roots=self.roots, records=self.records,
-                       samples=sampler.samples if sampler else [], final=final, log=log)
+                       samples=sampler.samples if sampler else [], final=final, log=log,
+                       outages=self.injector.windows if self.injector else [],
+                       broken_promises=self.broken_promises)
+
+    def _check_promises(self, observer: Observer) -> None:
+        """A stop that raised DatabaseError promising to complete on its own does, once the path healed.
+
+        Each one's subtree (as read right after it raised) must be terminal
+        within PROMISE_KEPT_WITHIN s, nodes included, without another call.
+        """
+        promised = [r for r in self.records if r.error is not None and PROMISE in str(r.error)]
+        if not promised:
+            return
+        def still_active() -> list[str]:
+            active = []
+            for record in promised:
+                ids = stopped_ids(record)
+                rows = observer.query(SUBTREE_ROWS, (record.target,))
+                nodes = observer.query(SUBTREE_NODES, (record.target,))
+                active += [f"{record.label}: {short(r['id'])}={r['status']}" for r in rows
+                           if r["id"] in ids and r["status"] in ACTIVE]
+                active += [f"{record.label}: {short(n['graph_execution_id'])}.{n['node_id']}={n['status']}"
+                           for n in nodes if n["graph_execution_id"] in ids and n["status"] in ACTIVE]
+            return active
+        try:
+            wait_until(lambda: not still_active(), PROMISE_KEPT_WITHIN, "the promised stops to complete")
+            self.note("the promised stops completed")
+        except AssertionError:
+            self.broken_promises = still_active()
 
     def _start_roots(self, rt: Runtime) -> None:
         for start in self.scenario.starts:
@@ -538,7 +737,7 @@ class _Example:
             self.records.append(record)
             self.note(f"{record.label} ({action.mode}, from {via}) of {short(target)}: "
                       f"cascade={cascade} wait_timeout={wait_timeout}")
-            thread = threading.Thread(target=_stop_in_thread, args=(rt, self.url, record, barrier),
+            thread = threading.Thread(target=_stop_in_thread, args=(rt, self.url, record, barrier, self.runtime_url),
                                       name=f"property-{record.label}", daemon=True)
             thread.start()
             started.append((thread, record))
@@ -615,5 +814,8 @@ def _breaking(handle: Callable[..., Any], fault: Break, note: Callable[[str], No
     return handler
 
 
-def run_example(url: str, scenario: Scenario, slack: float) -> Outcome:
-    return _Example(url, scenario, slack).run()
+def run_example(url: str, scenario: Scenario, slack: float, path: FaultPath | None = None,
+                runtime_url: str | None = None, planned: tuple[Outage, ...] = ()) -> Outcome:
+    """Run ``scenario``; with ``path``, the runtime and the stops from elsewhere use ``runtime_url``
+    (through ``path``), which the ``planned`` outages break, while the test reads ``url`` directly."""
+    return _Example(url, scenario, slack, path, runtime_url, planned).run()

@@ -36,6 +36,7 @@ from typing import Any
 import pytest
 
 from actors import DatabaseError, StopAck, stop_execution
+from actors.remote import GRACE
 from persistence.database import SQLITE_BUSY_MS
 from tests.helpers import (
     TERMINAL_STATUSES,
@@ -62,6 +63,9 @@ STOP_SEEN_WITHIN = 3.0
 RECOVERY_TIMEOUT = 30.0
 # How long Runtime.close() may take, whatever the database does.
 CLOSE_WITHIN = 60.0
+# A stop of ``stubborn`` (a sleep that ignores it) ends at this deadline: it
+# outlasts a read's patience (persistence/store.py, READ_PATIENCE, 5 s).
+STUBBORN_WAIT = 8.0
 # How long the cut and blackhole partitions last.
 PARTITION_SECONDS = 2.0
 # A runtime that uses TCP keepalives / tcp_user_timeout notices a dead connection within this.
@@ -84,6 +88,7 @@ GRAPHS = g.graphs(
     tree=g.agents("leaf", 3, {"seconds": g.LONG}),
     short=g.sleeper(0.2, value="done"),
     finishing=g.sleeper(FINISHING_SECONDS, value="done"),
+    stubborn=g.sleeper(ignore_stop=True),
 )
 # With the user block ``watch`` (StopSeen) registered: two watching children and a sleeping one.
 WATCHED_GRAPHS = g.graphs(
@@ -413,6 +418,53 @@ def test_packets_vanish_on_a_partition(pg_cluster, fault_db, netns_link, runtime
                                     stop_within=BLACKHOLE_DETECTION + 15.0)
 
 
+@pytest.mark.timeout(180)
+def test_a_stop_from_elsewhere_cut_off_after_its_request_says_it_will_complete(pg_cluster, fault_db, proxy,
+                                                                                runtimes, observe, sampler):
+    """``stop_execution`` loses the database after its request was committed: its error says the stop goes on.
+
+    The runtime hosting the execution reaches the server directly; the
+    stopping process goes through a proxy, cut once its request is on
+    record and for longer than a read's patience. The stopper's reads give
+    up: it raises ``DatabaseError`` within its bound. Its request stands, so
+    the message must say that the stop completes "when the database
+    answers" and it does: the host ends the row TERMINATED at the request's
+    deadline, without another call.
+    """
+    url = pg_cluster.url(fault_db)
+    rt = runtimes(url, GRAPHS)
+    observer = observe(url)
+    root = rt.start("stubborn", user_id=USER)
+    wait_tree_running(observer, root, executions=1, naps=1, timeout=60)
+    statuses = sampler(url)
+    outcome: dict[str, Any] = {}
+
+    def stop_from_elsewhere() -> None:
+        began = time.monotonic()
+        try:
+            outcome["ack"] = stop_execution(proxy.url_for(fault_db), root, USER, wait_timeout=STUBBORN_WAIT)
+        except Exception as exc:  # noqa: BLE001 - asserted below
+            outcome["error"] = exc
+        outcome["seconds"] = time.monotonic() - began
+
+    stopper = threading.Thread(target=stop_from_elsewhere, daemon=True)
+    stopper.start()
+    wait_until(lambda: observer.execution(root)["stop_requested_at"] is not None, 30.0, "the stop request on record")
+    proxy.cut()
+    stopper.join(STUBBORN_WAIT + GRACE + 10.0)
+    assert not stopper.is_alive(), "stop_execution did not return"
+    proxy.heal()
+
+    assert "ack" not in outcome, f"acknowledged through the cut: {outcome.get('ack')}"
+    assert isinstance(outcome["error"], DatabaseError), repr(outcome["error"])
+    assert PROMISE in str(outcome["error"]), str(outcome["error"])
+    assert outcome["seconds"] <= STUBBORN_WAIT + GRACE
+    assert wait_terminal(observer, root) == "TERMINATED"
+    close_bounded(rt, CLOSE_WITHIN)
+    assert_nothing_active(observer)
+    statuses.check()
+
+
 # -- (e) close during an outage ----------------------------------------------------------------------
 
 
@@ -564,6 +616,47 @@ def test_an_outage_logs_a_few_warnings_not_one_per_poll(pg_cluster, fault_db, ru
     assert_subtree_terminated(observer, root, TREE_SIZE)
     close_bounded(rt, CLOSE_WITHIN)
     assert_nothing_active(observer)
+
+
+@pytest.mark.timeout(180)
+def test_a_stop_from_elsewhere_waits_out_a_sqlite_write_lock(tmp_path, runtimes, observe, sampler, lock_holder):
+    """``stop_execution`` on SQLite while another process holds the write lock past the busy timeout.
+
+    Opening a database whose schema is current writes nothing, so it must
+    not need that lock: the stop does not fail when the busy timeout runs
+    out (it did, with "cannot prepare the database schema: database is
+    locked"). Its request waits for the lock like any write, and once the
+    lock is let go the stop completes: the tree TERMINATED, the ack naming it.
+    """
+    path = tmp_path / "actorgraph.db"
+    url = f"sqlite:///{path}"
+    rt = runtimes(url, GRAPHS)
+    observer = observe(url)
+    root = start_tree(rt, observer)
+    statuses = sampler(url)
+    holder = lock_holder(path)
+    holder.acquire()
+    outcome: dict[str, Any] = {}
+
+    def stop_from_elsewhere() -> None:
+        try:
+            outcome["ack"] = stop_execution(url, root, USER, wait_timeout=5.0)
+        except Exception as exc:  # noqa: BLE001 - asserted below
+            outcome["error"] = exc
+
+    stopper = threading.Thread(target=stop_from_elsewhere, daemon=True)
+    stopper.start()
+    assert_stays(lambda: not outcome, SQLITE_BUSY_TIMEOUT + 1.0, "the stop waiting for the lock")
+    holder.release()
+    stopper.join(5.0 + GRACE + 10.0)
+    assert not stopper.is_alive(), "stop_execution did not return"
+
+    assert "error" not in outcome, f"the stop failed: {outcome['error']!r}"
+    assert root in outcome["ack"].terminated
+    assert_subtree_terminated(observer, root, TREE_SIZE)
+    close_bounded(rt, CLOSE_WITHIN)
+    assert_nothing_active(observer)
+    statuses.check()
 
 
 def test_a_new_sqlite_database_locked_by_another_process_is_waited_for(tmp_path, runtimes, lock_holder):

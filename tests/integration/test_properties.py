@@ -37,26 +37,49 @@ too: it finds them in the database and stops them.
 Rows of earlier examples stay in the PostgreSQL database: every read is
 scoped to the example's runtime (``runtime_id``) or to a stopped subtree.
 
+``test_stop_properties_through_outages`` runs the same scenarios with one
+or two drawn outages (50 ms to 7 s) on both databases: on PostgreSQL, the
+fault tests' own cluster, reached through a ``TcpProxy`` that the outages
+cut or reset while the test reads around it; on SQLite, another process
+holds the file's write lock. The invariants hold, except that a stop that met an outage may
+raise ``DatabaseError`` within ``wait_timeout + OUTAGE_SLACK``; and:
+
+8. A stop that raised promising to complete "when the database answers"
+   does: its subtree is terminal soon after the heal, without another call,
+   and nothing in it started after it raised.
+
 Number of examples: ``ACTORGRAPH_PROPERTY_EXAMPLES`` (default 25 per
-database). SLACK: ``ACTORGRAPH_PROPERTY_SLACK`` seconds (default 1.5, see SLACK).
+database), and ``ACTORGRAPH_OUTAGE_EXAMPLES`` with outages (default three
+fifths of it). SLACK: ``ACTORGRAPH_PROPERTY_SLACK`` seconds (default 1.5, see SLACK).
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import pytest
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import HealthCheck, event, given, note, settings
 
+from actors import DatabaseError
+from tests.faultkit import TcpProxy
+from tests.helpers import as_datetime
+from tests.integration.fault_fixtures import *  # noqa: F401,F403 - pg_cluster, fault_db
 from tests.integration.property_support import (
     ACTIVE,
+    PROMISE,
     TERMINAL,
+    FaultPath,
+    LockedSqlite,
     Outcome,
     Sample,
     StopRecord,
+    abandons,
+    outages,
     run_example,
     scenarios,
     short,
+    stopped_ids,
 )
 
 EXAMPLES = int(os.environ.get("ACTORGRAPH_PROPERTY_EXAMPLES", "25"))
@@ -77,6 +100,17 @@ SKEW = 0.1
 TEST_TIMEOUT = 120 + 20 * EXAMPLES + 330
 # Each check reports at most this many violations (the rest are counted).
 SHOWN = 5
+
+# Examples with outages, per database: ACTORGRAPH_OUTAGE_EXAMPLES, by
+# default three fifths of ACTORGRAPH_PROPERTY_EXAMPLES.
+OUTAGE_EXAMPLES = int(os.environ.get("ACTORGRAPH_OUTAGE_EXAMPLES", str(max(1, EXAMPLES * 3 // 5))))
+# A stop that met an outage may wait for the database: it returns, or raises
+# DatabaseError, within wait_timeout + this (as tests/integration/test_faults.py holds it).
+OUTAGE_SLACK = 5.0
+# A stop under way up to this long after an outage healed may still meet it:
+# the runtime's connections retry with a backoff of up to 2 s (persistence/outage.py).
+AFTER_HEAL = 3.0
+OUTAGE_TEST_TIMEOUT = 120 + 30 * OUTAGE_EXAMPLES + 330
 
 
 @pytest.fixture
@@ -116,6 +150,101 @@ def test_stop_properties(example_url, scenario) -> None:
     assert not (v := stop_raised(outcome)), report("3: the stop raised instead of acknowledging", v)
 
 
+# -- the same properties through outages (both databases) ----------------------------------
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def outage_target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """``make()`` -> a context manager of (the URL the test reads, the runtime's URL, what the outages break).
+
+    PostgreSQL: the fault tests' own cluster, the runtime through a fresh
+    ``TcpProxy`` per example. SQLite: a fresh file per example, whose write
+    lock another process takes.
+    """
+    if request.param == "postgresql":
+        cluster = request.getfixturevalue("pg_cluster")
+        database = request.getfixturevalue("fault_db")
+
+        @contextlib.contextmanager
+        def through_proxy() -> Iterator[tuple[str, str, FaultPath]]:
+            with TcpProxy(target_port=cluster.port) as proxy:
+                yield cluster.url(database), proxy.url_for(database), proxy
+
+        return through_proxy
+
+    @contextlib.contextmanager
+    def lockable_file() -> Iterator[tuple[str, str, FaultPath]]:
+        path = tmp_path_factory.mktemp("example") / "actorgraph.db"
+        locked = LockedSqlite(str(path))
+        try:
+            yield f"sqlite:///{path}", f"sqlite:///{path}", locked
+        finally:
+            locked.heal()
+
+    return lockable_file
+
+
+@pytest.mark.timeout(OUTAGE_TEST_TIMEOUT)
+@settings(max_examples=OUTAGE_EXAMPLES, deadline=None, print_blob=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(scenario=scenarios(), planned=outages())
+def test_stop_properties_through_outages(outage_target, scenario, planned) -> None:
+    """The scenarios above, with the database away for a while as they run.
+
+    The runtime, and the stops from elsewhere, reach PostgreSQL through a
+    ``TcpProxy`` that the drawn outages cut or reset, or find SQLite's write
+    lock held by another process; the sampler and every read of the test
+    go around the proxy (SQLite readers are never locked out). Every
+    invariant above holds, except that a stop that met an outage may raise
+    ``DatabaseError``, and may take longer (``slack_of``). One that
+    promises to complete by itself ("when the database answers") must: its
+    subtree is terminal within PROMISE_KEPT_WITHIN s of the heal, and
+    nothing in it started after it raised.
+    """
+    with outage_target() as (url, runtime_url, path):
+        outcome = run_example(url, scenario, SLACK, path=path, runtime_url=runtime_url, planned=planned)
+    note(outcome.timeline())
+    harness = [f"{r.label}: {r.harness_error!r}" for r in outcome.records if r.harness_error is not None]
+    assert not harness, f"the test's own machinery failed (not an invariant): {harness}"
+
+    for record in outcome.records:  # what the examples covered: --hypothesis-show-statistics
+        if met_outage(outcome, record):
+            event(f"a stop from {record.via} met an outage and "
+                  + ("acknowledged" if record.ack is not None else
+                     "raised, promising to complete" if PROMISE in str(record.error) else
+                     f"raised {type(record.error).__name__}: {str(record.error)[:90]}"))
+
+    def slack_of(record: StopRecord) -> float:
+        if not met_outage(outcome, record):
+            return SLACK
+        # A stop from elsewhere waits for its request's commit (up to 60 s) before its wait_timeout begins.
+        return OUTAGE_SLACK + (sum(off - on for on, off in outages_met(outcome, record)) if record.via == "elsewhere" else 0.0)
+
+    def excused(record: StopRecord) -> bool:
+        return isinstance(record.error, DatabaseError) and met_outage(outcome, record)
+
+    assert not (v := subtree_not_terminal_after_stop(outcome)), report("1: subtree active after the stop", v)
+    assert not (v := queued_child_ran_after_non_cascading_stop(outcome)), report("1: QUEUED child ran", v)
+    assert not (v := terminal_parent_with_active_child(outcome)), report("5: terminal parent, active child", v)
+    assert not (v := terminal_row_changed(outcome)), report("4: a terminal row changed", v)
+    assert not (v := started_after_ack(outcome)), report("6: started after the stop returned", v)
+    assert not (v := started_after_promise(outcome)), report("6: started after the stop raised", v)
+    assert not (v := outcome.broken_promises), report("8: a promised stop did not complete after the heal", v)
+    assert not (v := active_after_close(outcome)), report("7: QUEUED or RUNNING after rt.close()", v)
+    assert not (v := stop_too_slow(outcome, slack_of)), report("2: longer than wait_timeout + slack", v)
+    assert not (v := ack_without_execution(outcome)), report("3: the ack does not name the execution", v)
+    assert not (v := stop_raised(outcome, excused)), report("3: raised, and not a DatabaseError in an outage", v)
+
+
+def outages_met(outcome: Outcome, record: StopRecord) -> list[tuple[float, float]]:
+    """The outages during which the stop was under way, or that ended up to AFTER_HEAL s before it began."""
+    ended = record.returned_at if record.returned_at is not None else float("inf")
+    return [(on, off) for on, off in outcome.outages if record.sent_at <= off + AFTER_HEAL and ended >= on]
+
+
+def met_outage(outcome: Outcome, record: StopRecord) -> bool:
+    return bool(outages_met(outcome, record))
+
+
 def report(invariant: str, violations: list[str]) -> str:
     shown = "\n  ".join(violations[:SHOWN])
     more = f"\n  ... and {len(violations) - SHOWN} more" if len(violations) > SHOWN else ""
@@ -123,22 +252,6 @@ def report(invariant: str, violations: list[str]) -> str:
 
 
 # -- what a stop answers for ---------------------------------------------------------
-
-def abandons(row: dict[str, Any]) -> bool:
-    """Ended by a non-cascading stop: its RUNNING children run on, no longer its subtree's."""
-    return row["status"] == "TERMINATED" and not row["stop_cascade"]
-
-
-def stopped_ids(record: StopRecord) -> set[str]:
-    """What the stop answers for, from the rows read right after it returned.
-
-    Non-cascading: the execution alone. Cascading: the execution and all its
-    descendants, those a non-cascading stop left running included.
-    """
-    if not record.cascade:
-        return {record.target}
-    return {r["id"] for r in record.rows}
-
 
 def acknowledged(outcome: Outcome) -> Iterable[StopRecord]:
     return (r for r in outcome.records if r.ack is not None and r.returned_at is not None)
@@ -269,7 +382,7 @@ def active_after_close(outcome: Outcome) -> list[str]:
     return [f"executions {executions}, nodes {nodes}"] if executions or nodes else []
 
 
-def stop_too_slow(outcome: Outcome) -> list[str]:
+def stop_too_slow(outcome: Outcome, slack_of: Callable[[StopRecord], float] = lambda record: SLACK) -> list[str]:
     """2: a stop returns within wait_timeout + SLACK; one that never returned counts too.
 
     A stop that arrives while another is in progress gets that stop's ack
@@ -289,9 +402,38 @@ def stop_too_slow(outcome: Outcome) -> list[str]:
                      and other.sent_at <= record.sent_at + SKEW
                      and (other.returned_at is None or other.returned_at > record.sent_at)]
         wait_timeout = max([record.wait_timeout] + [other.wait_timeout for other in under_way])
-        if record.duration > wait_timeout + SLACK:
+        if record.duration > wait_timeout + slack_of(record):
             others = f" (stops under way: {[o.label for o in under_way]})" if under_way else ""
             violations.append(f"{describe(record)} took {record.duration:.3f}s{others}")
+    return violations
+
+
+def started_after_promise(outcome: Outcome) -> list[str]:
+    """6: a stop that raised its promise had halted its subtree: nothing in it started after it raised.
+
+    Read after rt.close(): rows whose writes waited out the outage are in by then.
+    """
+    if outcome.final is None:
+        return []
+    executions, nodes = outcome.final.executions, outcome.final.nodes
+    violations = []
+    for record in outcome.records:
+        if record.error is None or PROMISE not in str(record.error) or record.returned_wall is None:
+            continue
+        ids = {record.target}
+        if record.cascade:
+            grew = True
+            while grew:
+                more = {i for i, row in executions.items() if row["parent_id"] in ids} - ids
+                ids |= more
+                grew = bool(more)
+        late = sorted(short(i) for i in ids if i in executions
+                      and (as_datetime(executions[i]["started_at"]) or record.returned_wall) > record.returned_wall)
+        late += sorted(f"{short(n['graph_execution_id'])}.{n['node_id']}" for n in nodes.values()
+                       if n["graph_execution_id"] in ids
+                       and (as_datetime(n["started_at"]) or record.returned_wall) > record.returned_wall)
+        if late:
+            violations.append(f"{describe(record)} raised, and then {late} started")
     return violations
 
 
@@ -306,7 +448,7 @@ def ack_without_execution(outcome: Outcome) -> list[str]:
     return violations
 
 
-def stop_raised(outcome: Outcome) -> list[str]:
-    """3: every stop of an existing execution of one's own returns an ack."""
+def stop_raised(outcome: Outcome, excused: Callable[[StopRecord], bool] = lambda record: False) -> list[str]:
+    """3: every stop of an existing execution of one's own returns an ack (or raises, where ``excused``)."""
     return [f"{describe(record)} raised {record.error!r}" for record in outcome.records
-            if record.error is not None]
+            if record.error is not None and not excused(record)]
