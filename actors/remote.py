@@ -58,9 +58,9 @@ def stop_execution(database: str | None, execution_id: str, user_id: str, *, cas
     Raises:
         InvalidInput, NotFound, PermissionDenied: nothing changes anywhere.
         DatabaseError: the database did not answer. Before the stop request
-            was committed (the database was away when this began), nothing
-            was stopped. After it, the message says so: the stop completes
-            when the database answers, without another call.
+            was committed (the database was away for 5 s as this began),
+            nothing was stopped. After it, the message says so: the stop
+            completes when the database answers, without another call.
         StopTimeout: the hosting runtime did not end the subtree within
             ``wait_timeout`` + GRACE s.
     """
@@ -68,7 +68,9 @@ def stop_execution(database: str | None, execution_id: str, user_id: str, *, cas
     # There is nothing to stop in a database that does not exist: say so,
     # rather than create an empty one and report the id as unknown.
     require_existing(database)
-    store = Store.open(database)
+    # Patient: a server restarting as the stop begins is waited for, as long
+    # as any read waits, rather than refused at once.
+    store = Store.open(database, patient=True)
     try:
         record = owned_record(store, execution_id, user_id)
         return stop_elsewhere(store, record, Stop(user_id=user_id, cascade=cascade, reason=reason,

@@ -153,12 +153,16 @@ def default_url() -> str:
     return os.environ.get("ACTORGRAPH_DATABASE") or DEFAULT_URL
 
 
-def open_database(url: str | None = None) -> SqliteDatabase | PostgresqlDatabase:
+def open_database(url: str | None = None, *, patience: float = 0.0) -> SqliteDatabase | PostgresqlDatabase:
     """Create a pooled database for ``url`` and check that it answers.
+
+    ``patience``: how long to go on trying while the database is away (a
+    server restarting, or refusing connections for a moment); by default a
+    server that does not answer is an error at once.
 
     Raises:
         DatabaseError: the URL is malformed, names an unsupported database,
-            or the server cannot be reached.
+            or the server cannot be reached (within ``patience``).
     """
     url = url or default_url()
     parsed = urlparse(url)
@@ -171,7 +175,7 @@ def open_database(url: str | None = None) -> SqliteDatabase | PostgresqlDatabase
             f"unsupported database URL {url!r}: use sqlite:///file.db or postgresql://user@host:port/db"
         )
     try:
-        _first_connect(database)
+        _first_connect(database, patience)
     except peewee.PeeweeException as exc:
         raise DatabaseError(f"cannot open database {redact(url)}: {first_line(exc)}") from exc
     return database
@@ -191,15 +195,19 @@ def require_existing(url: str | None = None) -> None:
         raise DatabaseError(f"database file {url[len('sqlite:///'):]} does not exist")
 
 
-def _first_connect(database: SqliteDatabase | PostgresqlDatabase) -> None:
-    """Connect once; on SQLite, wait (up to the busy timeout) while another process holds the lock.
+def _first_connect(database: SqliteDatabase | PostgresqlDatabase, patience: float) -> None:
+    """Connect once, retrying for ``patience`` s while the database is away.
 
-    Switching a new file to WAL takes its exclusive lock, and SQLite answers
-    "database is locked" at once, without its busy handler, when waiting
-    could deadlock (this connection already reads, another one writes): two
-    processes opening one new database at the same moment meet exactly that.
+    SQLite always waits at least its busy timeout while another process
+    holds the lock: switching a new file to WAL takes its exclusive lock,
+    and SQLite answers "database is locked" at once, without its busy
+    handler, when waiting could deadlock (this connection already reads,
+    another one writes): two processes opening one new database at the
+    same moment meet exactly that.
     """
-    give_up = time.monotonic() + SQLITE_BUSY_MS / 1000
+    if isinstance(database, SqliteDatabase):
+        patience = max(patience, SQLITE_BUSY_MS / 1000)
+    give_up = time.monotonic() + patience
     backoff = Backoff()
     while True:
         try:
@@ -207,7 +215,7 @@ def _first_connect(database: SqliteDatabase | PostgresqlDatabase) -> None:
             database.close()
             return
         except peewee.OperationalError as exc:
-            if not isinstance(database, SqliteDatabase) or not is_transient(exc) or time.monotonic() >= give_up:
+            if not is_transient(exc) or time.monotonic() >= give_up:
                 raise
             if not database.is_closed():
                 database.manual_close()

@@ -107,17 +107,20 @@ class Store:
         self._reads = Outage(logger, "database reads")
 
     @classmethod
-    def open(cls, url: str | None = None, *, read_only: bool = False) -> "Store":
+    def open(cls, url: str | None = None, *, read_only: bool = False, patient: bool = False) -> "Store":
         """Open ``url`` (default: env ACTORGRAPH_DATABASE, else sqlite:///actorgraph.db).
 
         A writable store creates or migrates the schema. A read-only store
         changes nothing: on a database without actorgraph's tables it reads
         as empty, and it refuses a schema older than this code's.
+        A ``patient`` open waits for a database that is away as long as a
+        read does (READ_PATIENCE); otherwise one that does not answer is
+        an error at once.
         """
         url = url or databases.default_url()
         if read_only:
             databases.require_existing(url)
-        database = databases.open_database(url)
+        database = databases.open_database(url, patience=READ_PATIENCE if patient else 0.0)
         if not read_only:
             ensure_schema(database)
             return cls(database, url)

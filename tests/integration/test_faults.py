@@ -112,6 +112,46 @@ def start_tree(rt: Any, observer: ResilientObserver) -> str:
     return root
 
 
+class StopFromElsewhere:
+    """``stop_execution`` run in a thread, as another process would run it.
+
+    ``ack`` or ``error`` says how it ended, ``seconds`` how long it took;
+    ``done`` is set then. ``join`` waits for it, bounded.
+    """
+
+    def __init__(self, url: str, root: str, wait_timeout: float) -> None:
+        self.ack: StopAck | None = None
+        self.error: Exception | None = None
+        self.seconds: float | None = None
+        self.done = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(url, root, wait_timeout), daemon=True)
+        self._thread.start()
+
+    def _run(self, url: str, root: str, wait_timeout: float) -> None:
+        began = time.monotonic()
+        try:
+            self.ack = stop_execution(url, root, USER, wait_timeout=wait_timeout)
+        except Exception as exc:  # noqa: BLE001 - asserted by the test
+            self.error = exc
+        self.seconds = time.monotonic() - began
+        self.done.set()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "stop_execution did not return"
+
+
+def assert_stopped_from_elsewhere(stopper: StopFromElsewhere, rt: Any, observer: ResilientObserver, root: str,
+                                  statuses: StatusSampler) -> None:
+    """The stop acknowledged the tree TERMINATED; then the runtime closes with nothing active."""
+    assert stopper.error is None, f"the stop failed: {stopper.error!r}"
+    assert stopper.ack is not None and root in stopper.ack.terminated, stopper.ack
+    assert_subtree_terminated(observer, root, TREE_SIZE)
+    close_bounded(rt, CLOSE_WITHIN)
+    assert_nothing_active(observer)
+    statuses.check()
+
+
 def tree_nodes(observer: ResilientObserver, root: str) -> list[dict[str, Any]]:
     return [node for row in observer.subtree(root) for node in observer.nodes(row["id"])]
 
@@ -437,29 +477,65 @@ def test_a_stop_from_elsewhere_cut_off_after_its_request_says_it_will_complete(p
     root = rt.start("stubborn", user_id=USER)
     wait_tree_running(observer, root, executions=1, naps=1, timeout=60)
     statuses = sampler(url)
-    outcome: dict[str, Any] = {}
-
-    def stop_from_elsewhere() -> None:
-        began = time.monotonic()
-        try:
-            outcome["ack"] = stop_execution(proxy.url_for(fault_db), root, USER, wait_timeout=STUBBORN_WAIT)
-        except Exception as exc:  # noqa: BLE001 - asserted below
-            outcome["error"] = exc
-        outcome["seconds"] = time.monotonic() - began
-
-    stopper = threading.Thread(target=stop_from_elsewhere, daemon=True)
-    stopper.start()
+    stopper = StopFromElsewhere(proxy.url_for(fault_db), root, STUBBORN_WAIT)
     wait_until(lambda: observer.execution(root)["stop_requested_at"] is not None, 30.0, "the stop request on record")
     proxy.cut()
     stopper.join(STUBBORN_WAIT + GRACE + 10.0)
-    assert not stopper.is_alive(), "stop_execution did not return"
     proxy.heal()
 
-    assert "ack" not in outcome, f"acknowledged through the cut: {outcome.get('ack')}"
-    assert isinstance(outcome["error"], DatabaseError), repr(outcome["error"])
-    assert PROMISE in str(outcome["error"]), str(outcome["error"])
-    assert outcome["seconds"] <= STUBBORN_WAIT + GRACE
+    assert stopper.ack is None, f"acknowledged through the cut: {stopper.ack}"
+    assert isinstance(stopper.error, DatabaseError), repr(stopper.error)
+    assert PROMISE in str(stopper.error), str(stopper.error)
+    assert stopper.seconds is not None and stopper.seconds <= STUBBORN_WAIT + GRACE
     assert wait_terminal(observer, root) == "TERMINATED"
+    close_bounded(rt, CLOSE_WITHIN)
+    assert_nothing_active(observer)
+    statuses.check()
+
+
+def test_a_stop_from_elsewhere_waits_for_a_server_that_is_away_as_it_begins(pg_cluster, fault_db, proxy, runtimes,
+                                                                             observe, sampler):
+    """``stop_execution`` begins while the server refuses connections (a restart): it waits, then stops.
+
+    The host reaches the server directly; the stopping process goes through
+    a proxy that is cut before it starts and healed once it has tried (and
+    been refused). Its open waits for the database as long as a read does,
+    so the stop completes: the tree TERMINATED, the ack naming it. (It
+    raised "cannot open database" at once, having stopped nothing.)
+    """
+    url = pg_cluster.url(fault_db)
+    rt = runtimes(url, GRAPHS)
+    observer = observe(url)
+    root = start_tree(rt, observer)
+    statuses = sampler(url)
+    proxy.cut()
+    stopper = StopFromElsewhere(proxy.url_for(fault_db), root, 5.0)
+    wait_until(proxy.attempt_while_faulty.is_set, 30.0, "the stop trying to connect through the cut")
+    proxy.heal()
+    stopper.join(5.0 + GRACE + 15.0)
+    assert_stopped_from_elsewhere(stopper, rt, observer, root, statuses)
+
+
+def test_a_stop_from_elsewhere_that_never_reaches_the_server_stops_nothing(pg_cluster, fault_db, proxy, runtimes,
+                                                                           observe, sampler):
+    """The server stays away through the open's patience: a clear error, in bounded time, and nothing changed."""
+    url = pg_cluster.url(fault_db)
+    rt = runtimes(url, GRAPHS)
+    observer = observe(url)
+    root = start_tree(rt, observer)
+    statuses = sampler(url)
+    proxy.cut()
+    began = time.monotonic()
+    with pytest.raises(DatabaseError, match="cannot open database"):
+        stop_execution(proxy.url_for(fault_db), root, USER, wait_timeout=1.0)
+    # It waited out the open's patience (5 s, as a read's), and at most one
+    # connect attempt's timeout (5 s) more.
+    assert 5.0 <= time.monotonic() - began <= 5.0 + 5.0 + STOP_SLACK
+    proxy.heal()
+
+    assert {r["status"] for r in observer.subtree(root)} == {"RUNNING"}
+    assert observer.execution(root)["stop_requested_at"] is None
+    assert root in rt.stop(root, USER, wait_timeout=5.0).terminated
     close_bounded(rt, CLOSE_WITHIN)
     assert_nothing_active(observer)
     statuses.check()
@@ -636,27 +712,11 @@ def test_a_stop_from_elsewhere_waits_out_a_sqlite_write_lock(tmp_path, runtimes,
     statuses = sampler(url)
     holder = lock_holder(path)
     holder.acquire()
-    outcome: dict[str, Any] = {}
-
-    def stop_from_elsewhere() -> None:
-        try:
-            outcome["ack"] = stop_execution(url, root, USER, wait_timeout=5.0)
-        except Exception as exc:  # noqa: BLE001 - asserted below
-            outcome["error"] = exc
-
-    stopper = threading.Thread(target=stop_from_elsewhere, daemon=True)
-    stopper.start()
-    assert_stays(lambda: not outcome, SQLITE_BUSY_TIMEOUT + 1.0, "the stop waiting for the lock")
+    stopper = StopFromElsewhere(url, root, 5.0)
+    assert_stays(lambda: not stopper.done.is_set(), SQLITE_BUSY_TIMEOUT + 1.0, "the stop waiting for the lock")
     holder.release()
     stopper.join(5.0 + GRACE + 10.0)
-    assert not stopper.is_alive(), "stop_execution did not return"
-
-    assert "error" not in outcome, f"the stop failed: {outcome['error']!r}"
-    assert root in outcome["ack"].terminated
-    assert_subtree_terminated(observer, root, TREE_SIZE)
-    close_bounded(rt, CLOSE_WITHIN)
-    assert_nothing_active(observer)
-    statuses.check()
+    assert_stopped_from_elsewhere(stopper, rt, observer, root, statuses)
 
 
 def test_a_new_sqlite_database_locked_by_another_process_is_waited_for(tmp_path, runtimes, lock_holder):
