@@ -215,7 +215,7 @@ def _first_connect(database: SqliteDatabase | PostgresqlDatabase, patience: floa
             database.close()
             return
         except peewee.OperationalError as exc:
-            if not is_transient(exc) or time.monotonic() >= give_up:
+            if not is_transient(exc) or _refused_for_good(exc) or time.monotonic() >= give_up:
                 raise
             if not database.is_closed():
                 database.manual_close()
@@ -277,6 +277,20 @@ def redact(url: str) -> str:
     if parsed.password:
         return url.replace(f":{parsed.password}@", ":***@")
     return url
+
+
+# What a server says when it answered a connection and refused it for good:
+# waiting does not help. libpq reports a refused connection without its
+# SQLSTATE, so only the server's message tells it from "the database system
+# is starting up" (transient). A server whose messages are not in English is
+# waited for as if it were away, and the error comes after the patience.
+REFUSED_FOR_GOOD = ("does not exist", "authentication failed", "no pg_hba.conf entry", "permission denied")
+
+
+def _refused_for_good(exc: BaseException) -> bool:
+    """Whether a failed connect was answered by the server with a refusal that no retry changes."""
+    return isinstance(exc, (peewee.OperationalError, psycopg2.OperationalError)) and any(
+        text in str(exc) for text in REFUSED_FOR_GOOD)
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -38,6 +38,7 @@ import pytest
 from actors import DatabaseError, StopAck, stop_execution
 from actors.remote import GRACE
 from persistence.database import SQLITE_BUSY_MS
+from persistence.store import READ_PATIENCE
 from tests.helpers import (
     TERMINAL_STATUSES,
     as_datetime,
@@ -51,6 +52,7 @@ from tests.integration.fault_fixtures import *  # noqa: F401,F403
 from tests.integration.fault_fixtures import ResilientObserver, StatusSampler, close_bounded, readable
 
 USER = "alice"
+ANY_ID = "00000000-0000-4000-8000-000000000000"
 REPO = Path(__file__).resolve().parents[2]
 
 # The promise a stop makes when it cannot persist: it will, later, by itself.
@@ -528,9 +530,9 @@ def test_a_stop_from_elsewhere_that_never_reaches_the_server_stops_nothing(pg_cl
     began = time.monotonic()
     with pytest.raises(DatabaseError, match="cannot open database"):
         stop_execution(proxy.url_for(fault_db), root, USER, wait_timeout=1.0)
-    # It waited out the open's patience (5 s, as a read's), and at most one
+    # It waited out the open's patience (as a read's), and at most one
     # connect attempt's timeout (5 s) more.
-    assert 5.0 <= time.monotonic() - began <= 5.0 + 5.0 + STOP_SLACK
+    assert READ_PATIENCE <= time.monotonic() - began <= READ_PATIENCE + 5.0 + STOP_SLACK
     proxy.heal()
 
     assert {r["status"] for r in observer.subtree(root)} == {"RUNNING"}
@@ -658,12 +660,25 @@ def test_bad_url_fails_promptly(pg_cluster, runtimes, case):
 
 
 @pytest.mark.timeout(60)
-def test_stop_execution_with_a_bad_url_fails_promptly():
-    """``stop_execution`` (run.py stop) reports an unreachable URL at once too."""
+@pytest.mark.parametrize("case", ["missing_database", "unknown_role"])
+def test_stop_execution_refused_by_the_server_fails_at_once(pg_cluster, case):
+    """``stop_execution`` (run.py stop) does not wait for a server that answered and refused: no wait helps.
+
+    (It waited out the open's patience, as for a server that is away.)
+    """
     began = time.monotonic()
-    with pytest.raises(DatabaseError):
-        stop_execution("postgresql://postgres@127.0.0.1:1/x", "00000000-0000-4000-8000-000000000000", USER)
-    assert time.monotonic() - began < PROMPT
+    with pytest.raises(DatabaseError, match="does not exist"):
+        stop_execution(BAD_URLS[case](pg_cluster), ANY_ID, USER)
+    assert time.monotonic() - began < READ_PATIENCE
+
+
+@pytest.mark.timeout(60)
+def test_stop_execution_with_nothing_listening_fails_after_its_patience():
+    """Nothing listens on the port, as while a server restarts: the stop waits as a read does, then says so."""
+    began = time.monotonic()
+    with pytest.raises(DatabaseError, match="cannot open database"):
+        stop_execution(BAD_URLS["refused_port"](None), ANY_ID, USER)
+    assert time.monotonic() - began < READ_PATIENCE + PROMPT
 
 
 # -- (h) log hygiene -------------------------------------------------------------------------------------------
