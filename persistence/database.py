@@ -287,10 +287,9 @@ def redact(url: str) -> str:
 REFUSED_FOR_GOOD = ("does not exist", "authentication failed", "no pg_hba.conf entry", "permission denied")
 
 
-def _refused_for_good(exc: BaseException) -> bool:
+def _refused_for_good(exc: peewee.OperationalError) -> bool:
     """Whether a failed connect was answered by the server with a refusal that no retry changes."""
-    return isinstance(exc, (peewee.OperationalError, psycopg2.OperationalError)) and any(
-        text in str(exc) for text in REFUSED_FOR_GOOD)
+    return any(text in str(exc) for text in REFUSED_FOR_GOOD)
 
 
 def is_transient(exc: BaseException) -> bool:
